@@ -1,0 +1,132 @@
+"""SpinalConfig: every knob of the probe, the monitor and the callbacks, as plain types."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
+
+TRANSPORT_MEASURES = ("hellinger", "fisher_rao", "js")
+SPECTRUM_DTYPES = ("float32", "float64")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+STOP_LEVELS = ("critical", "warning")
+
+
+@dataclass(frozen=True)
+class SpinalConfig:
+    """Configuration shared by the probe, the ramp monitor and the training callbacks.
+
+    Every field is a plain type (int, float, str, list, None) so that YAML and ``LightningCLI``
+    can build it. Ranges are checked at construction; a bad value raises ``ValueError`` naming
+    the field, the value and what is accepted.
+
+    Probe and scores:
+        late_layers: block indices to trace (negative indices count from the end), or ``None``
+            for the default late band: the last ``ceil(L/3)`` blocks, at least 4, at most ``L``.
+        spectrum_tokens: valid tokens subsampled (fixed per probe) for the contraction spectrum.
+        transport_tokens: valid tokens subsampled for the logit-lens transport.
+        max_probe_length: tokens kept per probe text (longer texts are truncated).
+        transport: ``"hellinger"`` (default), ``"fisher_rao"`` or ``"js"``.
+        tail_low, tail_high: the contraction fit uses eigenvalue ranks
+            ``k in [ceil(tail_low * r), floor(tail_high * r)]``.
+        spectrum_dtype: precision of the Gram matrix and its eigenvalues.
+        lens_chunk_mib: upper bound, in MiB, on the float32 logit-lens block held at once.
+        autocast_dtype: ``"bfloat16"``/``"float16"`` to run the probe forward under autocast,
+            ``None`` to run in the model's own dtype (an enclosing autocast is still honoured).
+        seed: seed of the token subsamples.
+        blocks_path, final_norm_path, head_path: attribute paths (relative to the unwrapped
+            ``*ForCausalLM``) of the decoder blocks, final norm and unembedding, for
+            architectures the automatic lookup cannot resolve.
+
+    Training (used by the callbacks and the monitor):
+        every_n_steps: probe cadence in optimizer steps.
+        warmup_probes, patience: alert warm-up and consecutive-probe patience.
+        stop_on: ``"critical"``, ``"warning"`` or ``None`` (never stop).
+        event_log: path of the JSONL event log (``None``: ``<log_dir>/spinal_events.jsonl``).
+        image_every: write the depth-trace heatmap every this many probes.
+    """
+
+    late_layers: list[int] | None = None
+    spectrum_tokens: int = 512
+    transport_tokens: int = 256
+    max_probe_length: int = 256
+    transport: str = "hellinger"
+    tail_low: float = 0.05
+    tail_high: float = 0.7
+    spectrum_dtype: str = "float64"
+    lens_chunk_mib: int = 256
+    autocast_dtype: str | None = None
+    seed: int = 0
+    blocks_path: str | None = None
+    final_norm_path: str | None = None
+    head_path: str | None = None
+    every_n_steps: int = 50
+    warmup_probes: int = 5
+    patience: int = 2
+    stop_on: str | None = "critical"
+    event_log: str | None = None
+    image_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.late_layers is not None:
+            self._check_late_layers(self.late_layers)
+            object.__setattr__(self, "late_layers", [int(i) for i in self.late_layers])
+        _check_int("spectrum_tokens", self.spectrum_tokens, minimum=MIN_SPECTRUM_TOKENS)
+        _check_int("transport_tokens", self.transport_tokens, minimum=1)
+        _check_int("max_probe_length", self.max_probe_length, minimum=1)
+        _check_int("every_n_steps", self.every_n_steps, minimum=1)
+        _check_int("warmup_probes", self.warmup_probes, minimum=0)
+        _check_int("patience", self.patience, minimum=1)
+        _check_int("image_every", self.image_every, minimum=1)
+        _check_int("lens_chunk_mib", self.lens_chunk_mib, minimum=1)
+        _check_choice("transport", self.transport, TRANSPORT_MEASURES)
+        _check_choice("spectrum_dtype", self.spectrum_dtype, SPECTRUM_DTYPES)
+        if self.autocast_dtype is not None:
+            _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
+        if self.stop_on is not None:
+            _check_choice("stop_on", self.stop_on, STOP_LEVELS)
+        if not 0.0 < self.tail_low < self.tail_high <= 1.0:
+            raise ValueError(
+                f"SpinalConfig needs 0 < tail_low < tail_high <= 1, got tail_low={self.tail_low} "
+                f"and tail_high={self.tail_high}; the defaults are 0.05 and 0.7."
+            )
+
+    @staticmethod
+    def _check_late_layers(late_layers: Sequence[int]) -> None:
+        if isinstance(late_layers, (str, bytes)) or not isinstance(late_layers, Sequence):
+            raise ValueError(
+                f"SpinalConfig.late_layers must be a list of block indices or None, "
+                f"got {late_layers!r}"
+            )
+        if len(late_layers) < 2:
+            raise ValueError(
+                f"SpinalConfig.late_layers needs at least 2 blocks (transport is measured "
+                f"between adjacent blocks), got {list(late_layers)}"
+            )
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in late_layers):
+            raise ValueError(f"SpinalConfig.late_layers must hold ints, got {list(late_layers)}")
+
+    def with_overrides(self, **overrides: Any) -> SpinalConfig:
+        """Return a copy with the given fields replaced; unknown names raise ``TypeError``."""
+        unknown = sorted(set(overrides) - set(self.to_dict()))
+        if unknown:
+            raise TypeError(
+                f"unknown SpinalConfig field(s) {unknown}; valid fields: {sorted(self.to_dict())}"
+            )
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"SpinalConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"SpinalConfig.{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,227 @@
+"""Find the decoder blocks, final norm and unembedding of a Hugging Face causal LM.
+
+Works through the wrappers training code puts around a model: PEFT (``PeftModel``), DDP /
+``DataParallel`` (``.module``), ``torch.compile`` (``._orig_mod``) and FSDP (``._fsdp_wrapped_module``).
+Architectures the lookup does not know can be pointed at by attribute path
+(``SpinalConfig(blocks_path=..., final_norm_path=..., head_path=...)``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+BLOCK_PATHS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "transformer.layers",
+    "transformer.blocks",
+    "model.language_model.layers",
+)
+FINAL_NORM_PATHS = (
+    "model.norm",
+    "model.decoder.final_layer_norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.final_layernorm",
+    "transformer.norm_f",
+    "model.language_model.norm",
+)
+HEAD_INPUT_PATHS = ("model.decoder.project_out",)
+
+
+class ModelAccessError(ValueError):
+    """The model's blocks, final norm or unembedding could not be found."""
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The pieces of a causal LM the probe needs, resolved once at setup.
+
+    Attributes:
+        model: the unwrapped ``*ForCausalLM`` module the probe calls.
+        blocks: the decoder blocks, in depth order.
+        final_norm: the norm applied to the last block's output before the unembedding.
+        head: the unembedding (``hidden -> logits``).
+        head_input: a projection between the final norm and the head (OPT's ``project_out``).
+        logit_softcap: ``cap`` for models whose logits are ``cap * tanh(logits / cap)`` (Gemma 2).
+        paths: the attribute paths found, for messages and fingerprints.
+    """
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    final_norm: nn.Module
+    head: nn.Module
+    head_input: nn.Module | None
+    logit_softcap: float | None
+    paths: dict[str, str]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def lens_logits(self, hidden: Tensor) -> Tensor:
+        """Logit lens: ``[..., d]`` block outputs to ``[..., V]`` logits, in the head's dtype."""
+        projected = self.final_norm(hidden)
+        if self.head_input is not None:
+            projected = self.head_input(projected)
+        logits = self.head(projected)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP, FSDP, DeepSpeed, ``torch.compile`` and PEFT wrappers; return the LM inside.
+
+    A compiled model is unwrapped to its eager module: forward hooks on a compiled graph are not
+    reliable, and the probe runs outside the training step anyway.
+    """
+    while True:
+        inner = _wrapped_module(model)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _wrapped_module(model: nn.Module) -> nn.Module | None:
+    name = type(model).__name__
+    if name.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
+        base = model.get_base_model()
+        return base if isinstance(base, nn.Module) else None
+    for attribute in ("_orig_mod", "_fsdp_wrapped_module"):
+        inner = model.__dict__.get("_modules", {}).get(attribute)
+        if isinstance(inner, nn.Module):
+            return inner
+    if name.endswith("DataParallel") or name == "DeepSpeedEngine":
+        inner = getattr(model, "module", None)
+        return inner if isinstance(inner, nn.Module) else None
+    return None
+
+
+def resolve_model_parts(
+    model: nn.Module,
+    blocks_path: str | None = None,
+    final_norm_path: str | None = None,
+    head_path: str | None = None,
+) -> ModelParts:
+    """Find blocks, final norm and unembedding of ``model`` (wrappers are looked through).
+
+    Explicit paths are attribute paths relative to the unwrapped model, e.g. ``"model.layers"``.
+
+    Raises:
+        ModelAccessError: naming what was found and the ``SpinalConfig`` field that fixes it.
+    """
+    inner = unwrap_model(model)
+    blocks, found_blocks = _resolve_blocks(inner, blocks_path)
+    final_norm, found_norm = _resolve_final_norm(inner, final_norm_path)
+    head, found_head = _resolve_head(inner, head_path)
+    head_input = next(
+        (m for m in (_get_path(inner, p) for p in HEAD_INPUT_PATHS) if isinstance(m, nn.Module)),
+        None,
+    )
+    config = getattr(inner, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return ModelParts(
+        model=inner,
+        blocks=blocks,
+        final_norm=final_norm,
+        head=head,
+        head_input=head_input,
+        logit_softcap=float(softcap) if softcap else None,
+        paths={"blocks": found_blocks, "final_norm": found_norm, "head": found_head},
+    )
+
+
+def _get_path(root: nn.Module, path: str) -> object | None:
+    try:
+        return functools.reduce(getattr, path.split("."), root)
+    except AttributeError:
+        return None
+
+
+def _resolve_blocks(model: nn.Module, path: str | None) -> tuple[nn.ModuleList, str]:
+    candidates = (path,) if path else BLOCK_PATHS
+    for candidate in candidates:
+        found = _get_path(model, candidate)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found, candidate
+    module_lists = [
+        f"{name} ({len(module)} x {type(module[0]).__name__})"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    if path:
+        problem = f"blocks_path={path!r} is not a non-empty nn.ModuleList on {type(model).__name__}"
+    else:
+        problem = f"found no decoder blocks in {type(model).__name__} under {list(BLOCK_PATHS)}"
+    raise ModelAccessError(
+        f"{problem}. ModuleLists in the model: {module_lists or 'none'}. "
+        "Pass SpinalConfig(blocks_path='<path.to.blocks>') naming the decoder blocks."
+    )
+
+
+def _resolve_final_norm(model: nn.Module, path: str | None) -> tuple[nn.Module, str]:
+    candidates = (path,) if path else FINAL_NORM_PATHS
+    for candidate in candidates:
+        found = _get_path(model, candidate)
+        if isinstance(found, nn.Module):
+            return found, candidate
+    norms = [
+        name
+        for name, module in model.named_modules()
+        if "norm" in type(module).__name__.lower() and name.count(".") <= 2
+    ]
+    if path:
+        problem = f"final_norm_path={path!r} is not a module of {type(model).__name__}"
+    else:
+        problem = f"found no final norm in {type(model).__name__} under {list(FINAL_NORM_PATHS)}"
+    raise ModelAccessError(
+        f"{problem}. Shallow norm modules in the model: {norms or 'none'}. "
+        "Pass SpinalConfig(final_norm_path='<path.to.norm>') naming the norm applied before "
+        "the unembedding."
+    )
+
+
+def _resolve_head(model: nn.Module, path: str | None) -> tuple[nn.Module, str]:
+    if path:
+        found = _get_path(model, path)
+        if isinstance(found, nn.Module):
+            return found, path
+        raise ModelAccessError(
+            f"head_path={path!r} is not a module of {type(model).__name__}. "
+            "Pass SpinalConfig(head_path='<path.to.lm_head>') naming the unembedding."
+        )
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    if isinstance(head, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is head), "get_output_embeddings()")
+        return head, name
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)
+    config = getattr(model, "config", None)
+    if callable(get_input_embeddings) and getattr(config, "tie_word_embeddings", False):
+        embedding = get_input_embeddings()
+        if isinstance(embedding, nn.Embedding):
+            return _TiedHead(embedding), "tied input embeddings"
+    raise ModelAccessError(
+        f"found no unembedding in {type(model).__name__}: get_output_embeddings() returned "
+        f"{head!r} and the word embeddings are not tied. Pass "
+        "SpinalConfig(head_path='<path.to.lm_head>') naming the module that maps hidden "
+        "states to logits."
+    )
+
+
+class _TiedHead(nn.Module):
+    """Unembedding through the input embedding matrix, for tied models without an output module."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return nn.functional.linear(hidden, self.embedding.weight)

@@ -1,0 +1,183 @@
+"""DepthTrace: one probe of one checkpoint, and its on-disk format (JSON + safetensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from spinal_callback.metrics import RAMP_SUMMARY_NAMES, ContractionStatus
+
+FORMAT_VERSION = 1
+JSON_NAME = "trace.json"
+TENSORS_NAME = "trace.safetensors"
+_TENSOR_FIELDS = ("contraction", "transport", "contraction_status")
+
+
+class DepthTraceFormatError(ValueError):
+    """A saved trace is corrupted, incomplete, or from a newer format version."""
+
+
+@dataclass
+class DepthTrace:
+    """The late-layer depth path of one checkpoint on one probe batch.
+
+    Attributes:
+        step: training step the probe ran at (0 outside training).
+        layers: block indices of the late band, ascending, ``L`` of them.
+        num_blocks: total decoder blocks of the model (for normalised depth).
+        contraction: float32 ``[L]``, tail exponent per late layer (dimensionless).
+        transport: float32 ``[L - 1]``, distance in [0, 1] between layers ``i`` and ``i + 1``.
+        contraction_status: int8 ``[L]``, ``ContractionStatus`` code per layer.
+        summary: ramp summaries (``RAMP_SUMMARY_NAMES``) as Python floats.
+        measure: the transport measure (``"hellinger"``, ``"fisher_rao"`` or ``"js"``).
+        model_fingerprint: hash of the model's class, config and resolved paths.
+        probe_fingerprint: hash of the probe's token ids, mask, subsamples and score settings;
+            traces are comparable only when it matches.
+        metadata: free-form JSON-serialisable details (token counts, dtypes, device, timing).
+    """
+
+    step: int
+    layers: list[int]
+    num_blocks: int
+    contraction: Tensor
+    transport: Tensor
+    contraction_status: Tensor
+    summary: dict[str, float]
+    measure: str
+    model_fingerprint: str
+    probe_fingerprint: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        count = len(self.layers)
+        expected = {"contraction": (count,), "transport": (count - 1,), "contraction_status": (count,)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(
+                    f"DepthTrace.{name} has shape {tuple(getattr(self, name).shape)}, expected "
+                    f"{shape} for {count} late layers"
+                )
+
+    @property
+    def depth(self) -> Tensor:
+        """float32 ``[L]`` normalised depth ``index / (num_blocks - 1)`` of each late layer."""
+        return torch.tensor(self.layers, dtype=torch.float32) / max(self.num_blocks - 1, 1)
+
+    @property
+    def notes(self) -> list[str]:
+        """Human-readable caveats: layers whose contraction was not an ordinary fit."""
+        messages = []
+        for layer, code in zip(self.layers, self.contraction_status.tolist()):
+            if code == ContractionStatus.RANK_DEFICIENT:
+                messages.append(
+                    f"layer {layer}: activations are rank-deficient; contraction was fitted over "
+                    "the eigenvalues above the numerical floor only"
+                )
+            elif code == ContractionStatus.DEGENERATE:
+                messages.append(
+                    f"layer {layer}: activations are constant or rank one; contraction set to 0"
+                )
+        return messages
+
+    @property
+    def is_finite(self) -> bool:
+        """True when every score and summary is finite."""
+        finite_tensors = bool(torch.isfinite(self.contraction).all() and torch.isfinite(self.transport).all())
+        return finite_tensors and all(math.isfinite(v) for v in self.summary.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON types (lists of floats for the tensors)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "layers": list(self.layers),
+            "num_blocks": self.num_blocks,
+            "contraction": self.contraction.tolist(),
+            "transport": self.transport.tolist(),
+            "contraction_status": self.contraction_status.tolist(),
+            "summary": dict(self.summary),
+            "measure": self.measure,
+            "model_fingerprint": self.model_fingerprint,
+            "probe_fingerprint": self.probe_fingerprint,
+            "metadata": dict(self.metadata),
+            "notes": self.notes,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the trace to directory ``path`` as ``trace.json`` + ``trace.safetensors``.
+
+        Returns the directory. Existing files of a previous trace there are replaced.
+        """
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSOR_FIELDS}
+        tensor_path = directory / TENSORS_NAME
+        save_file(tensors, str(tensor_path))
+        header = {key: value for key, value in self.to_dict().items() if key not in _TENSOR_FIELDS}
+        header["tensors_sha256"] = _sha256(tensor_path)
+        (directory / JSON_NAME).write_text(json.dumps(header, indent=2, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> DepthTrace:
+        """Read a trace written by ``save``.
+
+        Raises:
+            FileNotFoundError: ``path`` holds no trace.
+            DepthTraceFormatError: the files are corrupted, incomplete, or from a newer version.
+        """
+        directory = Path(path)
+        json_path, tensor_path = directory / JSON_NAME, directory / TENSORS_NAME
+        for required in (json_path, tensor_path):
+            if not required.is_file():
+                raise FileNotFoundError(f"no DepthTrace at {directory}: {required.name} is missing")
+        header = _read_header(json_path)
+        if _sha256(tensor_path) != header.get("tensors_sha256"):
+            raise DepthTraceFormatError(
+                f"{tensor_path} does not match the checksum recorded in {json_path}: the trace is "
+                "corrupted or its two files come from different saves; re-run the probe"
+            )
+        try:
+            tensors = load_file(str(tensor_path))
+            return cls(
+                step=int(header["step"]),
+                layers=[int(i) for i in header["layers"]],
+                num_blocks=int(header["num_blocks"]),
+                summary={name: float(header["summary"][name]) for name in RAMP_SUMMARY_NAMES},
+                measure=str(header["measure"]),
+                model_fingerprint=str(header["model_fingerprint"]),
+                probe_fingerprint=str(header["probe_fingerprint"]),
+                metadata=dict(header.get("metadata", {})),
+                **{name: tensors[name] for name in _TENSOR_FIELDS},
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DepthTraceFormatError(
+                f"{directory} is not a complete DepthTrace ({type(error).__name__}: {error})"
+            ) from error
+
+
+def _read_header(json_path: Path) -> dict[str, Any]:
+    try:
+        header = json.loads(json_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DepthTraceFormatError(f"{json_path} is not valid JSON: {error}") from error
+    if not isinstance(header, dict) or not isinstance(header.get("format_version"), int):
+        raise DepthTraceFormatError(f"{json_path} has no integer 'format_version'; not a DepthTrace")
+    if header["format_version"] > FORMAT_VERSION:
+        raise DepthTraceFormatError(
+            f"{json_path} was written in trace format {header['format_version']}, newer than the "
+            f"{FORMAT_VERSION} this spinal-callback reads; upgrade spinal-callback to load it"
+        )
+    return header
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

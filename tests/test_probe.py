@@ -1,0 +1,278 @@
+"""ProbeBatch construction and SpinalProbe.run() behaviour."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from spinal_callback import SpinalConfig
+from spinal_callback.metrics import contraction_score, transport_score
+from spinal_callback.model_access import resolve_model_parts
+from spinal_callback.probe import ProbeBatch, SpinalProbe, late_band
+
+
+def test_probe_batch_rejects_empty_text_list(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="non-empty list"):
+        ProbeBatch.from_texts(tokenizer, [])
+
+
+def test_probe_batch_rejects_texts_that_tokenize_to_nothing(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    with pytest.raises(ValueError, match=r"positions \[1\] tokenize to nothing"):
+        ProbeBatch.from_texts(tokenizer, [probe_texts[0], "", probe_texts[1]])
+
+
+def test_probe_batch_rejects_too_few_tokens_for_the_spectrum(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="needs at least 16"):
+        ProbeBatch.from_texts(tokenizer, ["hi", "ok"])
+
+
+def test_probe_batch_rejects_non_strings(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="not strings"):
+        ProbeBatch.from_texts(tokenizer, ["a fine text", 3])  # type: ignore[list-item]
+
+
+def test_probe_batch_does_not_modify_the_tokenizer(tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]) -> None:
+    before = (tokenizer.padding_side, tokenizer.pad_token, len(tokenizer))
+    ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")
+    assert (tokenizer.padding_side, tokenizer.pad_token, len(tokenizer)) == before
+
+
+def test_probe_batch_truncates_to_max_length(tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]) -> None:
+    assert ProbeBatch.from_texts(tokenizer, probe_texts, max_length=8).input_ids.shape == (len(probe_texts), 8)
+
+
+def test_probe_batch_from_dataset_reads_prompts_and_chat_messages(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    rows = [{"prompt": text} for text in probe_texts[:4]]
+    rows.append({"prompt": [{"role": "user", "content": probe_texts[4]}]})
+    batch = ProbeBatch.from_dataset(tokenizer, rows, column="prompt")
+    assert batch.input_ids.shape[0] == 5
+
+
+def test_probe_batch_from_dataset_names_available_columns(tokenizer: PreTrainedTokenizerFast) -> None:
+    class Dataset(list):  # type: ignore[type-arg]
+        column_names = ["question", "chosen", "rejected"]
+
+    with pytest.raises(ValueError, match=r"no column 'prompt'.*'question'"):
+        ProbeBatch.from_dataset(tokenizer, Dataset(), column="prompt")
+
+
+def test_subsample_picks_the_same_tokens_for_either_padding_side(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    right = ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="right")
+    left = ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")
+    picked_right = right.input_ids.reshape(-1)[right.subsample(100, seed=3)]
+    picked_left = left.input_ids.reshape(-1)[left.subsample(100, seed=3)]
+    assert torch.equal(picked_right, picked_left)
+    assert (right.attention_mask.reshape(-1)[right.subsample(100, seed=3)] == 1).all()
+
+
+def test_default_late_band_is_last_third_at_least_four() -> None:
+    assert late_band(8) == [4, 5, 6, 7]
+    assert late_band(24) == list(range(16, 24))
+    assert late_band(3) == [0, 1, 2]
+
+
+def test_late_band_accepts_negative_indices_and_rejects_out_of_range() -> None:
+    assert late_band(8, [-1, -3, 5]) == [5, 7]
+    with pytest.raises(ValueError, match=r"\[9\] out of range for a model with 8 blocks"):
+        late_band(8, [6, 9])
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "opt"])
+def test_left_and_right_padding_give_the_same_trace(
+    architecture: str,
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    model = make_model(architecture)
+    right = SpinalProbe(model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="right")).run()
+    left = SpinalProbe(model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")).run()
+    torch.testing.assert_close(left.contraction, right.contraction, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(left.transport, right.transport, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_equal_the_metrics_applied_to_the_models_hidden_states(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = make_model("llama", layers=6)
+    probe = SpinalProbe(model, probe_batch, SpinalConfig(late_layers=[2, 3, 4]))
+    trace = probe.run()
+    with torch.no_grad():
+        hidden_states = model(
+            input_ids=probe_batch.input_ids,
+            attention_mask=probe_batch.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states
+    parts = resolve_model_parts(model)
+    rows = [hidden_states[layer + 1].reshape(-1, 64) for layer in (2, 3, 4)]
+    expected_contraction = torch.stack([contraction_score(r[probe.spectrum_index]) for r in rows])
+    torch.testing.assert_close(trace.contraction, expected_contraction, rtol=1e-5, atol=1e-5)
+    lens = [parts.lens_logits(r[probe.transport_index]) for r in rows]
+    expected_transport = torch.stack([transport_score(lens[i], lens[i + 1]) for i in range(2)])
+    torch.testing.assert_close(trace.transport, expected_transport, rtol=1e-5, atol=1e-6)
+
+
+def test_run_is_deterministic(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    probe = SpinalProbe(llama, probe_batch)
+    first, second = probe.run(), probe.run()
+    assert torch.equal(first.contraction, second.contraction)
+    assert torch.equal(first.transport, second.transport)
+    assert first.summary == second.summary
+
+
+def test_run_records_step_band_and_fingerprints(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    trace = SpinalProbe(llama, probe_batch).run(step=42)
+    assert trace.step == 42 and trace.layers == [4, 5, 6, 7] and trace.num_blocks == 8
+    assert trace.contraction.dtype == torch.float32 and trace.transport.shape == (3,)
+    assert trace.is_finite and len(trace.probe_fingerprint) == 16
+
+
+def test_probe_fingerprint_changes_with_the_probe(
+    llama: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    one = SpinalProbe(llama, ProbeBatch.from_texts(tokenizer, probe_texts[:8]))
+    other = SpinalProbe(llama, ProbeBatch.from_texts(tokenizer, probe_texts[8:]))
+    assert one.probe_fingerprint != other.probe_fingerprint
+
+
+def test_run_restores_each_modules_training_flag(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    llama.train()
+    llama.model.layers[0].eval()
+    seen: dict[str, Any] = {}
+    llama.model.layers[7].register_forward_hook(
+        lambda m, a, o: seen.update(training=m.training, inference=torch.is_inference_mode_enabled())
+    )
+    SpinalProbe(llama, probe_batch).run()
+    assert seen == {"training": False, "inference": True}
+    assert llama.training and llama.model.layers[1].training
+    assert not llama.model.layers[0].training
+
+
+def test_run_restores_training_mode_when_the_forward_raises(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    llama.train()
+
+    def explode(module: torch.nn.Module, args: Any, output: Any) -> None:
+        raise RuntimeError("boom")
+
+    probe = SpinalProbe(llama, probe_batch)
+    handle = llama.model.layers[5].register_forward_hook(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        probe.run()
+    handle.remove()
+    assert llama.training
+    assert all(not block._forward_hooks for block in llama.model.layers)
+
+
+def test_run_leaves_no_hooks_and_skips_blocks_after_the_band(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = make_model("llama", layers=6)
+    calls: list[str] = []
+    model.model.layers[4].register_forward_hook(lambda *args: calls.append("block 4"))
+    model.lm_head.register_forward_hook(lambda *args: calls.append("lm_head"))
+    SpinalProbe(model, probe_batch, SpinalConfig(late_layers=[1, 2, 3])).run()
+    assert "block 4" not in calls
+    assert [len(block._forward_hooks) for block in model.model.layers] == [0, 0, 0, 0, 1, 0]
+
+
+def test_run_does_not_ask_for_all_hidden_states(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    seen: dict[str, Any] = {}
+    llama.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    SpinalProbe(llama, probe_batch).run()
+    assert seen["use_cache"] is False
+    assert not seen.get("output_hidden_states")
+
+
+def test_run_honours_autocast_dtype(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    dtypes: list[torch.dtype] = []
+    llama.model.layers[7].mlp.register_forward_hook(lambda m, a, output: dtypes.append(output.dtype))
+    full = SpinalProbe(llama, probe_batch).run()
+    half = SpinalProbe(llama, probe_batch, SpinalConfig(autocast_dtype="bfloat16")).run()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(half.contraction, full.contraction, rtol=0.05, atol=0.05)
+
+
+def test_run_honours_an_enclosing_autocast(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    dtypes: list[torch.dtype] = []
+    llama.model.layers[7].mlp.register_forward_hook(lambda m, a, output: dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        SpinalProbe(llama, probe_batch).run()
+    assert dtypes == [torch.bfloat16]
+
+
+def test_run_works_with_gradient_checkpointing_in_train_mode(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    reference = SpinalProbe(llama, probe_batch).run()
+    llama.gradient_checkpointing_enable()
+    llama.train()
+    checkpointed = SpinalProbe(llama, probe_batch).run()
+    torch.testing.assert_close(checkpointed.contraction, reference.contraction)
+    assert llama.training
+
+
+def test_probe_traces_the_peft_adapted_model(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = SpinalProbe(llama, probe_batch).run()
+    wrapped = get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, parameter in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    adapted = SpinalProbe(wrapped, probe_batch).run()
+    with wrapped.disable_adapter():
+        disabled = SpinalProbe(wrapped, probe_batch).run()
+    assert not torch.allclose(adapted.contraction, base.contraction, atol=1e-3)
+    torch.testing.assert_close(disabled.contraction, base.contraction)
+
+
+def test_probe_of_a_compiled_model_matches_eager(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    eager = SpinalProbe(llama, probe_batch).run()
+    compiled = SpinalProbe(torch.compile(llama), probe_batch).run()
+    torch.testing.assert_close(compiled.contraction, eager.contraction)
+
+
+def test_probe_longer_than_the_context_fails_at_setup(
+    make_model: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerFast
+) -> None:
+    model = make_model("gpt2")
+    long_batch = ProbeBatch.from_token_ids([list(range(4, 300)) * 2], pad_token_id=0)
+    with pytest.raises(ValueError, match="592 tokens long but the model's context is 512"):
+        SpinalProbe(model, long_batch)
+
+
+def test_late_layers_out_of_range_fail_at_setup(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        SpinalProbe(llama, probe_batch, SpinalConfig(late_layers=[6, 8]))
+
+
+@pytest.mark.parametrize("measure", ["hellinger", "fisher_rao", "js"])
+def test_every_transport_measure_gives_bounded_scores(
+    measure: str, llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
+    trace = SpinalProbe(llama, probe_batch, SpinalConfig(transport=measure)).run()
+    assert trace.measure == measure
+    assert ((trace.transport >= 0) & (trace.transport <= 1)).all()
+
+
+def test_lens_chunking_does_not_change_the_scores(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    whole = SpinalProbe(llama, probe_batch).run()
+    chunked = SpinalProbe(llama, probe_batch, SpinalConfig(lens_chunk_mib=1)).run()
+    torch.testing.assert_close(chunked.transport, whole.transport, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probe_runs_on_the_models_cuda_device(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+    cpu = SpinalProbe(llama, probe_batch).run()
+    gpu = SpinalProbe(llama.cuda(), probe_batch).run()
+    assert gpu.metadata["device"].startswith("cuda")
+    torch.testing.assert_close(gpu.contraction, cpu.contraction, rtol=1e-3, atol=1e-3)
