@@ -56,7 +56,7 @@ class SpinalConfig:
     tail_low: float = 0.05
     tail_high: float = 0.7
     spectrum_dtype: str = "float64"
-    lens_chunk_mib: int = 256
+    lens_chunk_mib: int = 64
     autocast_dtype: str | None = None
     seed: int = 0
     blocks_path: str | None = None

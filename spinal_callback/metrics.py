@@ -114,9 +114,13 @@ def fit_tail_exponent(
     covariance = (dx * (log_value - mean_y)).sum(dim=-1)
     variance = (dx * dx).sum(dim=-1)
     degenerate = (count < 2) | (variance <= 0)
-    alpha = torch.where(degenerate, torch.zeros_like(covariance), -covariance / variance.clamp_min(1e-30))
+    alpha = torch.where(
+        degenerate, torch.zeros_like(covariance), -covariance / variance.clamp_min(1e-30)
+    )
     status = torch.full_like(count, ContractionStatus.OK, dtype=torch.int8)
-    status = torch.where(count < len(band), torch.full_like(status, ContractionStatus.RANK_DEFICIENT), status)
+    status = torch.where(
+        count < len(band), torch.full_like(status, ContractionStatus.RANK_DEFICIENT), status
+    )
     status = torch.where(degenerate, torch.full_like(status, ContractionStatus.DEGENERATE), status)
     return alpha.to(torch.float32), status
 
@@ -140,7 +144,9 @@ def contraction_score(
         Scalar float32 tensor, dimensionless; higher means small modes vanish faster. For
         constant or rank-1 inputs it is 0 (see ``contraction_scores`` for the status code).
     """
-    alpha, _ = contraction_scores(_valid_rows(hidden, mask).unsqueeze(0), tail_low, tail_high, dtype)
+    alpha, _ = contraction_scores(
+        _valid_rows(hidden, mask).unsqueeze(0), tail_low, tail_high, dtype
+    )
     return alpha[0]
 
 
@@ -183,7 +189,9 @@ def per_token_transport(log_p: Tensor, log_q: Tensor, measure: str = "hellinger"
     if measure == "fisher_rao":
         # arccos(BC) = 2 asin(H / sqrt 2): the same angle without arccos's cancellation near BC = 1.
         return (4.0 / math.pi) * torch.asin((hellinger / math.sqrt(2.0)).clamp(0.0, 1.0))
-    raise ValueError(f"unknown transport measure {measure!r}; use 'hellinger', 'fisher_rao' or 'js'")
+    raise ValueError(
+        f"unknown transport measure {measure!r}; use 'hellinger', 'fisher_rao' or 'js'"
+    )
 
 
 def _jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:

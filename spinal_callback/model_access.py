@@ -1,7 +1,8 @@
 """Find the decoder blocks, final norm and unembedding of a Hugging Face causal LM.
 
 Works through the wrappers training code puts around a model: PEFT (``PeftModel``), DDP /
-``DataParallel`` (``.module``), ``torch.compile`` (``._orig_mod``) and FSDP (``._fsdp_wrapped_module``).
+``DataParallel`` / DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and FSDP
+(``._fsdp_wrapped_module``).
 Architectures the lookup does not know can be pointed at by attribute path
 (``SpinalConfig(blocks_path=..., final_norm_path=..., head_path=...)``).
 """
@@ -91,8 +92,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def _wrapped_module(model: nn.Module) -> nn.Module | None:
     name = type(model).__name__
-    if name.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
-        base = model.get_base_model()
+    get_base_model = getattr(model, "get_base_model", None)
+    if name.startswith("Peft") and callable(get_base_model):
+        base = get_base_model()
         return base if isinstance(base, nn.Module) else None
     for attribute in ("_orig_mod", "_fsdp_wrapped_module"):
         inner = model.__dict__.get("_modules", {}).get(attribute)

@@ -84,7 +84,9 @@ class ProbeBatch:
         bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
         if bad:
             raise ValueError(f"probe texts at positions {bad[:5]} are not strings")
-        encoded = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
+        encoded = tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=max_length
+        )
         token_ids = [list(ids) for ids in encoded["input_ids"]]
         # A text of only whitespace may still get a BOS token: count content tokens as well.
         content = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -134,7 +136,9 @@ class ProbeBatch:
         input_ids = torch.full((len(token_ids), length), pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(token_ids), length), dtype=torch.int64)
         for row, ids in enumerate(token_ids):
-            span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+            span = (
+                slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+            )
             input_ids[row, span] = torch.tensor(list(ids), dtype=torch.int64)
             attention_mask[row, span] = 1
         return cls(input_ids, attention_mask)
@@ -145,7 +149,7 @@ class ProbeBatch:
 
     @property
     def position_ids(self) -> Tensor:
-        """int64 ``[b, t]`` positions counted over real tokens, so left padding does not shift them."""
+        """int64 ``[b, t]`` positions counted over real tokens (left padding shifts nothing)."""
         return (self.attention_mask.cumsum(dim=1) - 1).clamp_min(0)
 
     def valid_positions(self) -> Tensor:
@@ -182,7 +186,9 @@ def late_band(num_blocks: int, late_layers: Sequence[int] | None = None) -> list
         )
     layers = sorted({i % num_blocks for i in late_layers})
     if len(layers) < 2:
-        raise ValueError(f"late_layers must name at least 2 distinct blocks, got {list(late_layers)}")
+        raise ValueError(
+            f"late_layers must name at least 2 distinct blocks, got {list(late_layers)}"
+        )
     return layers
 
 
@@ -202,7 +208,9 @@ class SpinalProbe:
         config: score and band settings (default ``SpinalConfig()``).
     """
 
-    def __init__(self, model: nn.Module, batch: ProbeBatch, config: SpinalConfig | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batch: ProbeBatch, config: SpinalConfig | None = None
+    ) -> None:
         self.config = config or SpinalConfig()
         self.model = model
         self.batch = batch
@@ -267,7 +275,10 @@ class SpinalProbe:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
                 flat = hidden.reshape(-1, hidden.shape[-1])
-                captured[layer] = (flat.index_select(0, spectrum_rows), flat.index_select(0, transport_rows))
+                captured[layer] = (
+                    flat.index_select(0, spectrum_rows),
+                    flat.index_select(0, transport_rows),
+                )
                 if layer == last:
                     raise _StopForward
 
@@ -294,7 +305,10 @@ class SpinalProbe:
     def _scores(self, spectrum_hidden: Tensor, transport_hidden: Tensor) -> list[Tensor]:
         config = self.config
         contraction, status = contraction_scores(
-            spectrum_hidden, config.tail_low, config.tail_high, getattr(torch, config.spectrum_dtype)
+            spectrum_hidden,
+            config.tail_low,
+            config.tail_high,
+            getattr(torch, config.spectrum_dtype),
         )
         adjacent, end_to_end, entropy = self._lens_transport(transport_hidden)
         depth = torch.tensor(self.layers, dtype=torch.float32, device=contraction.device)
@@ -316,7 +330,7 @@ class SpinalProbe:
         entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, tokens, chunk):
             logits = self.parts.lens_logits(hidden[:, start : start + chunk])
-            log_p = torch.log_softmax(logits.float(), dim=-1)
+            log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             measure = self.config.transport
             adjacent += per_token_transport(log_p[:-1], log_p[1:], measure).sum(dim=-1)
             end_to_end += per_token_transport(log_p[0], log_p[-1], measure).sum()
@@ -337,7 +351,9 @@ class SpinalProbe:
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         if self.config.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=getattr(torch, self.config.autocast_dtype))
+        return torch.autocast(
+            device_type=device.type, dtype=getattr(torch, self.config.autocast_dtype)
+        )
 
     def _check_context_length(self) -> None:
         config = getattr(self.parts.model, "config", None)
@@ -369,7 +385,12 @@ class SpinalProbe:
 
     def _probe_fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for tensor in (self.batch.input_ids, self.batch.attention_mask, self.spectrum_index, self.transport_index):
+        for tensor in (
+            self.batch.input_ids,
+            self.batch.attention_mask,
+            self.spectrum_index,
+            self.transport_index,
+        ):
             digest.update(tensor.numpy().tobytes())
         settings = {
             "layers": self.layers,
@@ -440,6 +461,7 @@ def _render_prompt(tokenizer: Any, row: Any) -> str:
             return str(tokenizer.apply_chat_template(row, tokenize=False))
         return "\n".join(str(m["content"]) for m in row)
     raise ValueError(
-        f"cannot read a probe prompt from {type(row).__name__} {str(row)[:80]!r}: expected a string "
+        f"cannot read a probe prompt from {type(row).__name__} {str(row)[:80]!r}: "
+        "expected a string "
         "or a list of chat messages"
     )

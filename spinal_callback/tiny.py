@@ -7,13 +7,14 @@ Nothing here downloads anything: tokenizers are trained in memory on the built-i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
-    Gemma2Config,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -44,8 +45,13 @@ DEFAULT_PROBE_TEXTS = (
     "Write a short poem about the quiet of a library on a rainy afternoon.",
 )
 
-_SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
-_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
+_SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+}
+_TOKEN_IDS: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}
 
 
 def build_tiny_tokenizer(
@@ -71,8 +77,8 @@ def build_tiny_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **_SPECIAL_TOKENS)
 
 
-def _llama_like(config_class: type[PretrainedConfig]) -> Callable[..., PretrainedConfig]:
-    def build(vocab_size: int, hidden: int, layers: int, **extra: object) -> PretrainedConfig:
+def _llama_like(config_class: Callable[..., PretrainedConfig]) -> Callable[..., PretrainedConfig]:
+    def build(vocab_size: int, hidden: int, layers: int, **extra: Any) -> PretrainedConfig:
         return config_class(
             vocab_size=vocab_size,
             hidden_size=hidden,
@@ -89,7 +95,13 @@ def _llama_like(config_class: type[PretrainedConfig]) -> Callable[..., Pretraine
 
 
 def _gpt2(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
-    return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **_TOKEN_IDS
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=4,
+        n_positions=512,
+        **_TOKEN_IDS,
     )
 
 

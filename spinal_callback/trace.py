@@ -58,7 +58,11 @@ class DepthTrace:
 
     def __post_init__(self) -> None:
         count = len(self.layers)
-        expected = {"contraction": (count,), "transport": (count - 1,), "contraction_status": (count,)}
+        expected = {
+            "contraction": (count,),
+            "transport": (count - 1,),
+            "contraction_status": (count,),
+        }
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(
@@ -90,7 +94,9 @@ class DepthTrace:
     @property
     def is_finite(self) -> bool:
         """True when every score and summary is finite."""
-        finite_tensors = bool(torch.isfinite(self.contraction).all() and torch.isfinite(self.transport).all())
+        finite_tensors = bool(
+            torch.isfinite(self.contraction).all() and torch.isfinite(self.transport).all()
+        )
         return finite_tensors and all(math.isfinite(v) for v in self.summary.values())
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +176,9 @@ def _read_header(json_path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DepthTraceFormatError(f"{json_path} is not valid JSON: {error}") from error
     if not isinstance(header, dict) or not isinstance(header.get("format_version"), int):
-        raise DepthTraceFormatError(f"{json_path} has no integer 'format_version'; not a DepthTrace")
+        raise DepthTraceFormatError(
+            f"{json_path} has no integer 'format_version'; not a DepthTrace"
+        )
     if header["format_version"] > FORMAT_VERSION:
         raise DepthTraceFormatError(
             f"{json_path} was written in trace format {header['format_version']}, newer than the "

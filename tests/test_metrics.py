@@ -32,7 +32,9 @@ def power_law_samples(n: int, d: int, alpha: float, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_contraction_recovers_power_law_exponent_within_5_percent(d: int, alpha: float, seed: int) -> None:
+def test_contraction_recovers_power_law_exponent_within_5_percent(
+    d: int, alpha: float, seed: int
+) -> None:
     samples = power_law_samples(16 * d, d, alpha, seed)
     assert contraction_score(samples).item() == pytest.approx(alpha, rel=0.05)
 
@@ -55,7 +57,9 @@ def test_contraction_is_invariant_to_masked_tokens() -> None:
     junk = torch.randn(100, 32) * 1e3
     hidden = torch.cat([samples, junk]).reshape(2, 306, 32)
     mask = torch.cat([torch.ones(512), torch.zeros(100)]).reshape(2, 306)
-    assert contraction_score(hidden, mask).item() == pytest.approx(contraction_score(samples).item(), abs=1e-6)
+    assert contraction_score(hidden, mask).item() == pytest.approx(
+        contraction_score(samples).item(), abs=1e-6
+    )
 
 
 def test_contraction_accumulates_half_precision_inputs_in_float() -> None:
@@ -159,21 +163,29 @@ def test_transport_is_invariant_to_masked_tokens(measure: str) -> None:
     wild_a, wild_b = a.clone(), b.clone()
     wild_a[mask == 0] = torch.randn_like(wild_a[mask == 0]) * 100
     expected = transport_score(a[mask.bool()], b[mask.bool()], measure=measure)
-    assert transport_score(wild_a, wild_b, mask, measure=measure).item() == pytest.approx(expected.item(), abs=1e-7)
+    assert transport_score(wild_a, wild_b, mask, measure=measure).item() == pytest.approx(
+        expected.item(), abs=1e-7
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("measure", MEASURES)
-def test_transport_accumulates_half_precision_logits_in_float32(dtype: torch.dtype, measure: str) -> None:
+def test_transport_accumulates_half_precision_logits_in_float32(
+    dtype: torch.dtype, measure: str
+) -> None:
     a, b = (torch.randn(64, 300) * 3).to(dtype), (torch.randn(64, 300) * 3).to(dtype)
     score = transport_score(a, b, measure=measure)
     assert score.dtype == torch.float32
-    assert score.item() == pytest.approx(transport_score(a.float(), b.float(), measure=measure).item(), abs=1e-6)
+    assert score.item() == pytest.approx(
+        transport_score(a.float(), b.float(), measure=measure).item(), abs=1e-6
+    )
 
 
 def test_transport_does_not_depend_on_chunk_size() -> None:
     a, b = torch.randn(37, 90), torch.randn(37, 90)
-    assert transport_score(a, b, chunk_rows=5).item() == pytest.approx(transport_score(a, b).item(), abs=1e-6)
+    assert transport_score(a, b, chunk_rows=5).item() == pytest.approx(
+        transport_score(a, b).item(), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("measure", MEASURES)
@@ -204,12 +216,24 @@ def test_ramp_summaries_of_a_straight_rising_ramp() -> None:
 
 def test_jaggedness_is_mean_absolute_second_difference() -> None:
     contraction = torch.tensor([1.0, 2.0, 1.0, 2.0])
-    summaries = ramp_summaries(contraction, torch.full((3,), 0.1), torch.tensor(0.1), torch.tensor(0.0), torch.linspace(0, 1, 4))
+    summaries = ramp_summaries(
+        contraction,
+        torch.full((3,), 0.1),
+        torch.tensor(0.1),
+        torch.tensor(0.0),
+        torch.linspace(0, 1, 4),
+    )
     assert summaries["jaggedness"].item() == pytest.approx(2.0)
 
 
 def test_tortuosity_is_finite_when_the_path_returns_to_its_start() -> None:
-    summaries = ramp_summaries(torch.ones(4), torch.full((3,), 0.2), torch.tensor(0.0), torch.tensor(1.0), torch.linspace(0, 1, 4))
+    summaries = ramp_summaries(
+        torch.ones(4),
+        torch.full((3,), 0.2),
+        torch.tensor(0.0),
+        torch.tensor(1.0),
+        torch.linspace(0, 1, 4),
+    )
     assert math.isfinite(summaries["tortuosity"].item())
 
 

@@ -32,7 +32,9 @@ def test_every_tiny_architecture_has_expected_paths() -> None:
 
 
 @pytest.mark.parametrize("architecture", sorted(EXPECTED_PATHS))
-def test_resolves_blocks_norm_and_head(architecture: str, make_model: Callable[..., PreTrainedModel]) -> None:
+def test_resolves_blocks_norm_and_head(
+    architecture: str, make_model: Callable[..., PreTrainedModel]
+) -> None:
     model = make_model(architecture, layers=6)
     parts = resolve_model_parts(model)
     assert (parts.paths["blocks"], parts.paths["final_norm"]) == EXPECTED_PATHS[architecture]
@@ -48,7 +50,9 @@ def test_lens_of_last_block_reproduces_model_logits(
     parts = resolve_model_parts(model)
     captured: list[torch.Tensor] = []
     parts.blocks[-1].register_forward_hook(
-        lambda module, args, output: captured.append(output[0] if isinstance(output, tuple) else output)
+        lambda module, args, output: captured.append(
+            output[0] if isinstance(output, tuple) else output
+        )
     )
     input_ids = torch.randint(4, 300, (2, 9))
     with torch.no_grad():
@@ -56,12 +60,16 @@ def test_lens_of_last_block_reproduces_model_logits(
         torch.testing.assert_close(parts.lens_logits(captured[0]), logits, rtol=1e-4, atol=1e-4)
 
 
-def test_opt_projection_and_gemma2_softcap_are_part_of_the_lens(make_model: Callable[..., PreTrainedModel]) -> None:
+def test_opt_projection_and_gemma2_softcap_are_part_of_the_lens(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
     assert resolve_model_parts(make_model("opt")).head_input is not None
     assert resolve_model_parts(make_model("gemma2")).logit_softcap == 30.0
 
 
-def test_tied_embeddings_share_the_unembedding_weight(make_model: Callable[..., PreTrainedModel]) -> None:
+def test_tied_embeddings_share_the_unembedding_weight(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
     model = make_model("gpt2")
     parts = resolve_model_parts(model)
     assert parts.head.weight is model.get_input_embeddings().weight
@@ -117,7 +125,9 @@ def test_resolves_through_ddp_around_peft(llama: PreTrainedModel) -> None:
 
 
 def test_explicit_paths_override_the_lookup(llama: PreTrainedModel) -> None:
-    parts = resolve_model_parts(llama, blocks_path="model.layers", final_norm_path="model.norm", head_path="lm_head")
+    parts = resolve_model_parts(
+        llama, blocks_path="model.layers", final_norm_path="model.norm", head_path="lm_head"
+    )
     assert parts.paths == {"blocks": "model.layers", "final_norm": "model.norm", "head": "lm_head"}
 
 
@@ -153,7 +163,9 @@ def test_missing_final_norm_error_lists_norms_and_the_option() -> None:
 
 def test_missing_head_error_names_the_option() -> None:
     with pytest.raises(ModelAccessError, match="head_path="):
-        resolve_model_parts(UnknownLM(), blocks_path="trunk.stages", final_norm_path="trunk.last_norm")
+        resolve_model_parts(
+            UnknownLM(), blocks_path="trunk.stages", final_norm_path="trunk.last_norm"
+        )
 
 
 def test_wrong_explicit_blocks_path_is_reported(llama: PreTrainedModel) -> None:

@@ -27,7 +27,9 @@ def test_probe_batch_rejects_texts_that_tokenize_to_nothing(
         ProbeBatch.from_texts(tokenizer, [probe_texts[0], "", probe_texts[1]])
 
 
-def test_probe_batch_rejects_too_few_tokens_for_the_spectrum(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_probe_batch_rejects_too_few_tokens_for_the_spectrum(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     with pytest.raises(ValueError, match="needs at least 16"):
         ProbeBatch.from_texts(tokenizer, ["hi", "ok"])
 
@@ -37,14 +39,21 @@ def test_probe_batch_rejects_non_strings(tokenizer: PreTrainedTokenizerFast) -> 
         ProbeBatch.from_texts(tokenizer, ["a fine text", 3])  # type: ignore[list-item]
 
 
-def test_probe_batch_does_not_modify_the_tokenizer(tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]) -> None:
+def test_probe_batch_does_not_modify_the_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
     before = (tokenizer.padding_side, tokenizer.pad_token, len(tokenizer))
     ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")
     assert (tokenizer.padding_side, tokenizer.pad_token, len(tokenizer)) == before
 
 
-def test_probe_batch_truncates_to_max_length(tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]) -> None:
-    assert ProbeBatch.from_texts(tokenizer, probe_texts, max_length=8).input_ids.shape == (len(probe_texts), 8)
+def test_probe_batch_truncates_to_max_length(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    assert ProbeBatch.from_texts(tokenizer, probe_texts, max_length=8).input_ids.shape == (
+        len(probe_texts),
+        8,
+    )
 
 
 def test_probe_batch_from_dataset_reads_prompts_and_chat_messages(
@@ -56,9 +65,11 @@ def test_probe_batch_from_dataset_reads_prompts_and_chat_messages(
     assert batch.input_ids.shape[0] == 5
 
 
-def test_probe_batch_from_dataset_names_available_columns(tokenizer: PreTrainedTokenizerFast) -> None:
+def test_probe_batch_from_dataset_names_available_columns(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
     class Dataset(list):  # type: ignore[type-arg]
-        column_names = ["question", "chosen", "rejected"]
+        column_names = ("question", "chosen", "rejected")
 
     with pytest.raises(ValueError, match=r"no column 'prompt'.*'question'"):
         ProbeBatch.from_dataset(tokenizer, Dataset(), column="prompt")
@@ -95,8 +106,12 @@ def test_left_and_right_padding_give_the_same_trace(
     probe_texts: list[str],
 ) -> None:
     model = make_model(architecture)
-    right = SpinalProbe(model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="right")).run()
-    left = SpinalProbe(model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")).run()
+    right = SpinalProbe(
+        model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="right")
+    ).run()
+    left = SpinalProbe(
+        model, ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")
+    ).run()
     torch.testing.assert_close(left.contraction, right.contraction, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(left.transport, right.transport, rtol=1e-4, atol=1e-5)
 
@@ -130,7 +145,9 @@ def test_run_is_deterministic(llama: PreTrainedModel, probe_batch: ProbeBatch) -
     assert first.summary == second.summary
 
 
-def test_run_records_step_band_and_fingerprints(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_run_records_step_band_and_fingerprints(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     trace = SpinalProbe(llama, probe_batch).run(step=42)
     assert trace.step == 42 and trace.layers == [4, 5, 6, 7] and trace.num_blocks == 8
     assert trace.contraction.dtype == torch.float32 and trace.transport.shape == (3,)
@@ -145,12 +162,16 @@ def test_probe_fingerprint_changes_with_the_probe(
     assert one.probe_fingerprint != other.probe_fingerprint
 
 
-def test_run_restores_each_modules_training_flag(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_run_restores_each_modules_training_flag(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     llama.train()
     llama.model.layers[0].eval()
     seen: dict[str, Any] = {}
     llama.model.layers[7].register_forward_hook(
-        lambda m, a, o: seen.update(training=m.training, inference=torch.is_inference_mode_enabled())
+        lambda m, a, o: seen.update(
+            training=m.training, inference=torch.is_inference_mode_enabled()
+        )
     )
     SpinalProbe(llama, probe_batch).run()
     assert seen == {"training": False, "inference": True}
@@ -158,7 +179,9 @@ def test_run_restores_each_modules_training_flag(llama: PreTrainedModel, probe_b
     assert not llama.model.layers[0].training
 
 
-def test_run_restores_training_mode_when_the_forward_raises(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_run_restores_training_mode_when_the_forward_raises(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     llama.train()
 
     def explode(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -185,7 +208,9 @@ def test_run_leaves_no_hooks_and_skips_blocks_after_the_band(
     assert [len(block._forward_hooks) for block in model.model.layers] == [0, 0, 0, 0, 1, 0]
 
 
-def test_run_does_not_ask_for_all_hidden_states(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_run_does_not_ask_for_all_hidden_states(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     seen: dict[str, Any] = {}
     llama.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     SpinalProbe(llama, probe_batch).run()
@@ -195,7 +220,9 @@ def test_run_does_not_ask_for_all_hidden_states(llama: PreTrainedModel, probe_ba
 
 def test_run_honours_autocast_dtype(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
     dtypes: list[torch.dtype] = []
-    llama.model.layers[7].mlp.register_forward_hook(lambda m, a, output: dtypes.append(output.dtype))
+    llama.model.layers[7].mlp.register_forward_hook(
+        lambda m, a, output: dtypes.append(output.dtype)
+    )
     full = SpinalProbe(llama, probe_batch).run()
     half = SpinalProbe(llama, probe_batch, SpinalConfig(autocast_dtype="bfloat16")).run()
     assert dtypes == [torch.float32, torch.bfloat16]
@@ -204,13 +231,17 @@ def test_run_honours_autocast_dtype(llama: PreTrainedModel, probe_batch: ProbeBa
 
 def test_run_honours_an_enclosing_autocast(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
     dtypes: list[torch.dtype] = []
-    llama.model.layers[7].mlp.register_forward_hook(lambda m, a, output: dtypes.append(output.dtype))
+    llama.model.layers[7].mlp.register_forward_hook(
+        lambda m, a, output: dtypes.append(output.dtype)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         SpinalProbe(llama, probe_batch).run()
     assert dtypes == [torch.bfloat16]
 
 
-def test_run_works_with_gradient_checkpointing_in_train_mode(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_run_works_with_gradient_checkpointing_in_train_mode(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     reference = SpinalProbe(llama, probe_batch).run()
     llama.gradient_checkpointing_enable()
     llama.train()
@@ -219,11 +250,15 @@ def test_run_works_with_gradient_checkpointing_in_train_mode(llama: PreTrainedMo
     assert llama.training
 
 
-def test_probe_traces_the_peft_adapted_model(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_probe_traces_the_peft_adapted_model(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     from peft import LoraConfig, get_peft_model
 
     base = SpinalProbe(llama, probe_batch).run()
-    wrapped = get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    wrapped = get_peft_model(
+        llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     for name, parameter in wrapped.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.5)
@@ -234,7 +269,9 @@ def test_probe_traces_the_peft_adapted_model(llama: PreTrainedModel, probe_batch
     torch.testing.assert_close(disabled.contraction, base.contraction)
 
 
-def test_probe_of_a_compiled_model_matches_eager(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_probe_of_a_compiled_model_matches_eager(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     eager = SpinalProbe(llama, probe_batch).run()
     compiled = SpinalProbe(torch.compile(llama), probe_batch).run()
     torch.testing.assert_close(compiled.contraction, eager.contraction)
@@ -249,7 +286,9 @@ def test_probe_longer_than_the_context_fails_at_setup(
         SpinalProbe(model, long_batch)
 
 
-def test_late_layers_out_of_range_fail_at_setup(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_late_layers_out_of_range_fail_at_setup(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     with pytest.raises(ValueError, match="out of range"):
         SpinalProbe(llama, probe_batch, SpinalConfig(late_layers=[6, 8]))
 
@@ -263,7 +302,9 @@ def test_every_transport_measure_gives_bounded_scores(
     assert ((trace.transport >= 0) & (trace.transport <= 1)).all()
 
 
-def test_lens_chunking_does_not_change_the_scores(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_lens_chunking_does_not_change_the_scores(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     whole = SpinalProbe(llama, probe_batch).run()
     chunked = SpinalProbe(llama, probe_batch, SpinalConfig(lens_chunk_mib=1)).run()
     torch.testing.assert_close(chunked.transport, whole.transport, rtol=1e-5, atol=1e-6)
@@ -271,7 +312,9 @@ def test_lens_chunking_does_not_change_the_scores(llama: PreTrainedModel, probe_
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_probe_runs_on_the_models_cuda_device(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
+def test_probe_runs_on_the_models_cuda_device(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
     cpu = SpinalProbe(llama, probe_batch).run()
     gpu = SpinalProbe(llama.cuda(), probe_batch).run()
     assert gpu.metadata["device"].startswith("cuda")

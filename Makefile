@@ -1,0 +1,36 @@
+# make test: create .venv, install the package with its test extras, lint, type-check, run pytest.
+# The torch pin is installed first (a CPU build on this project's machines); override it with
+# `make test TORCH="torch==2.14.1"` or point PYTHON at another interpreter.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SOURCES := spinal_callback tests bench
+
+.PHONY: install lint test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/spinal demo
+
+bench: install
+	$(BIN)/python bench/probe_cost.py
+
+clean:
+	rm -rf $(VENV) spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache

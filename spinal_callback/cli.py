@@ -1,0 +1,137 @@
+"""The ``spinal`` command: ``spinal demo`` and ``spinal audit PATH [PATH ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spinal_callback.config import TRANSPORT_MEASURES, SpinalConfig
+from spinal_callback.loading import (
+    DTYPES,
+    checkpoint_directory,
+    load_local_model,
+    load_local_tokenizer,
+)
+from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.report import format_comparison_table, plot_depth_paths
+from spinal_callback.tiny import (
+    DEFAULT_PROBE_TEXTS,
+    TINY_ARCHITECTURES,
+    build_tiny_model,
+    build_tiny_tokenizer,
+)
+from spinal_callback.trace import DepthTrace
+
+logger = logging.getLogger("spinal_callback")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spinal`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return int(args.handler(args))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"spinal {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinal", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="probe a tiny built-in model (no download)")
+    demo.add_argument("--architecture", default="llama", choices=sorted(TINY_ARCHITECTURES))
+    demo.add_argument(
+        "--out", default="spinal_demo", help="output directory (default: %(default)s)"
+    )
+    demo.set_defaults(handler=_run_demo)
+
+    audit = commands.add_parser("audit", help="compare the depth traces of local checkpoints")
+    audit.add_argument("paths", nargs="+", help="checkpoint directories (save_pretrained output)")
+    audit.add_argument("--texts", help="probe texts, one per line (default: built-in texts)")
+    audit.add_argument("--tokenizer", help="tokenizer directory (default: the first checkpoint)")
+    audit.add_argument(
+        "--out", default="spinal_audit", help="output directory (default: %(default)s)"
+    )
+    audit.add_argument(
+        "--late-layers", type=int, nargs="+", help="block indices (default: last third)"
+    )
+    audit.add_argument("--transport", default="hellinger", choices=TRANSPORT_MEASURES)
+    audit.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    audit.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
+    audit.add_argument("--max-length", type=int, default=256, help="tokens kept per probe text")
+    audit.set_defaults(handler=_run_audit)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(args.architecture, vocab_size=len(tokenizer))
+    probe = SpinalProbe(model, ProbeBatch.from_texts(tokenizer, list(DEFAULT_PROBE_TEXTS)))
+    trace = probe.run()
+    _write_outputs({f"tiny-{args.architecture}": trace}, Path(args.out))
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        checkpoint_directory(path)
+    texts = _read_texts(args.texts) if args.texts else list(DEFAULT_PROBE_TEXTS)
+    tokenizer = load_local_tokenizer(args.tokenizer or args.paths[0])
+    batch = ProbeBatch.from_texts(tokenizer, texts, max_length=args.max_length)
+    config = SpinalConfig(
+        late_layers=args.late_layers, transport=args.transport, max_probe_length=args.max_length
+    )
+    traces: dict[str, DepthTrace] = {}
+    for path in args.paths:
+        logger.info("probing %s", path)
+        model = load_local_model(path, dtype=args.dtype, device=args.device)
+        _check_vocabulary(model, tokenizer, path)
+        traces[_unique_name(Path(path), traces)] = SpinalProbe(model, batch, config).run()
+        del model
+    _write_outputs(traces, Path(args.out))
+    return 0
+
+
+def _write_outputs(traces: dict[str, DepthTrace], out: Path) -> None:
+    print(format_comparison_table(traces))
+    for name, trace in traces.items():
+        trace.save(out / "traces" / name)
+    image = plot_depth_paths(traces, out / "depth_paths.png")
+    print(f"\ntraces: {out / 'traces'}\nfigure: {image}")
+
+
+def _read_texts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--texts {path}: no such file (expected one probe text per line)")
+    texts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"--texts {path} holds no non-empty line; put one probe text per line")
+    return texts
+
+
+def _check_vocabulary(model: object, tokenizer: object, path: str) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:  # type: ignore[arg-type]
+        raise ValueError(
+            f"{path} has a vocabulary of {vocab} tokens but the probe tokenizer has "
+            f"{len(tokenizer)}; pass --tokenizer with the checkpoint's own tokenizer"  # type: ignore[arg-type]
+        )
+
+
+def _unique_name(path: Path, taken: dict[str, DepthTrace]) -> str:
+    name = path.resolve().name or "checkpoint"
+    candidate, index = name, 2
+    while candidate in taken:
+        candidate, index = f"{name}-{index}", index + 1
+    return candidate
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Human-readable views of depth traces: terminal tables and a PNG of the depth paths."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import pairwise
+from pathlib import Path
+
+from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.trace import DepthTrace
+
+
+def format_comparison_table(traces: Mapping[str, DepthTrace]) -> str:
+    """Side-by-side table: per-layer contraction and transport, then the ramp summaries.
+
+    ``traces`` maps a column name (checkpoint) to its trace; all must share one late band.
+    Transport rows are labelled ``a->b`` for the edge between blocks ``a`` and ``b``.
+    """
+    names = list(traces)
+    if not names:
+        raise ValueError("format_comparison_table needs at least one trace")
+    layers = traces[names[0]].layers
+    mismatched = [name for name in names if traces[name].layers != layers]
+    if mismatched:
+        raise ValueError(
+            f"traces {mismatched} cover other layers than {names[0]} ({layers}); compare "
+            "traces of one late band (pass the same --late-layers)"
+        )
+    rows: list[tuple[str, list[float]]] = []
+    for index, layer in enumerate(layers):
+        rows.append(
+            (f"contraction L{layer:02d}", [traces[n].contraction[index].item() for n in names])
+        )
+    for index, (a, b) in enumerate(pairwise(layers)):
+        rows.append(
+            (f"transport {a:02d}->{b:02d}", [traces[n].transport[index].item() for n in names])
+        )
+    for summary in RAMP_SUMMARY_NAMES:
+        rows.append((summary, [traces[n].summary[summary] for n in names]))
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(10, len(name)) for name in names]
+    header = " " * label_width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths))
+    lines = [header, "-" * len(header)]
+    for label, values in rows:
+        cells = "  ".join(f"{value:>{w}.4f}" for value, w in zip(values, widths))
+        lines.append(f"{label.ljust(label_width)}  {cells}")
+    notes = [f"{name}: {note}" for name in names for note in traces[name].notes]
+    return "\n".join(lines + notes)
+
+
+def plot_depth_paths(traces: Mapping[str, DepthTrace], path: str | Path) -> Path:
+    """Write a PNG with contraction per late layer and transport per edge, one line per trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, trace in traces.items():
+        left.plot(trace.layers, trace.contraction.tolist(), marker="o", label=name)
+        edges = [(a + b) / 2 for a, b in pairwise(trace.layers)]
+        right.plot(edges, trace.transport.tolist(), marker="o", label=name)
+    left.set(title="contraction (tail exponent, higher = squeezed)", xlabel="block", ylabel="alpha")
+    measure = next(iter(traces.values())).measure
+    right.set(
+        title=f"transport ({measure}, lower = smoother)", xlabel="between blocks", ylabel="distance"
+    )
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    output = Path(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
