@@ -83,11 +83,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     A compiled model is unwrapped to its eager module: forward hooks on a compiled graph are not
     reliable, and the probe runs outside the training step anyway.
     """
-    while True:
-        inner = _wrapped_module(model)
-        if inner is None:
-            return model
-        model = inner
+    return wrapper_chain(model)[-1]
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module it wraps, outermost first, ending with the LM itself."""
+    chain = [model]
+    while (inner := _wrapped_module(chain[-1])) is not None and len(chain) < 16:
+        chain.append(inner)
+    return chain
+
+
+def peft_model_in(model: nn.Module) -> nn.Module | None:
+    """The PEFT model among ``model``'s wrappers, if any (it can switch its adapters off)."""
+    return next((m for m in wrapper_chain(model) if type(m).__name__.startswith("Peft")), None)
 
 
 def _wrapped_module(model: nn.Module) -> nn.Module | None:

@@ -111,15 +111,20 @@ class ProbeBatch:
         """Take the first ``limit`` rows of ``dataset[column]`` as probe texts.
 
         Rows may be strings or chat messages (lists of ``{"role", "content"}`` dicts), which
-        are rendered with the tokenizer's chat template when it has one.
+        are rendered with the tokenizer's chat template when it has one. A dataset already
+        tokenized by TRL (a ``<column>_ids`` column and no ``<column>``) is used as token ids.
         """
         names = getattr(dataset, "column_names", None)
+        count = min(limit, len(dataset))
+        if names is not None and column not in names and f"{column}_ids" in names:
+            token_ids = [list(dataset[i][f"{column}_ids"])[:max_length] for i in range(count)]
+            return cls.from_token_ids(token_ids, _pad_id(tokenizer), padding_side)
         if names is not None and column not in names:
             raise ValueError(
                 f"the dataset has no column {column!r}; its columns are {names}. "
                 "Pass column= naming the prompt column, or give probe texts directly"
             )
-        rows = [dataset[i][column] for i in range(min(limit, len(dataset)))]
+        rows = [dataset[i][column] for i in range(count)]
         texts = [_render_prompt(tokenizer, row) for row in rows]
         return cls.from_texts(tokenizer, texts, max_length=max_length, padding_side=padding_side)
 

@@ -153,21 +153,40 @@ class DepthTrace:
             )
         try:
             tensors = load_file(str(tensor_path))
-            return cls(
-                step=int(header["step"]),
-                layers=[int(i) for i in header["layers"]],
-                num_blocks=int(header["num_blocks"]),
-                summary={name: float(header["summary"][name]) for name in RAMP_SUMMARY_NAMES},
-                measure=str(header["measure"]),
-                model_fingerprint=str(header["model_fingerprint"]),
-                probe_fingerprint=str(header["probe_fingerprint"]),
-                metadata=dict(header.get("metadata", {})),
-                **{name: tensors[name] for name in _TENSOR_FIELDS},
-            )
+            return cls._from_header(header, tensors)
         except (KeyError, TypeError, ValueError) as error:
             raise DepthTraceFormatError(
                 f"{directory} is not a complete DepthTrace ({type(error).__name__}: {error})"
             ) from error
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DepthTrace:
+        """Inverse of ``to_dict`` (used for callback state in checkpoints)."""
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+            raise DepthTraceFormatError(
+                f"trace format {data['format_version']} is newer than the {FORMAT_VERSION} this "
+                "spinal-callback reads; upgrade spinal-callback"
+            )
+        tensors = {
+            "contraction": torch.tensor(data["contraction"], dtype=torch.float32),
+            "transport": torch.tensor(data["transport"], dtype=torch.float32),
+            "contraction_status": torch.tensor(data["contraction_status"], dtype=torch.int8),
+        }
+        return cls._from_header(data, tensors)
+
+    @classmethod
+    def _from_header(cls, header: dict[str, Any], tensors: dict[str, Tensor]) -> DepthTrace:
+        return cls(
+            step=int(header["step"]),
+            layers=[int(i) for i in header["layers"]],
+            num_blocks=int(header["num_blocks"]),
+            summary={name: float(header["summary"][name]) for name in RAMP_SUMMARY_NAMES},
+            measure=str(header["measure"]),
+            model_fingerprint=str(header["model_fingerprint"]),
+            probe_fingerprint=str(header["probe_fingerprint"]),
+            metadata=dict(header.get("metadata", {})),
+            **{name: tensors[name] for name in _TENSOR_FIELDS},
+        )
 
 
 def _read_header(json_path: Path) -> dict[str, Any]:

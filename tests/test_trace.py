@@ -107,3 +107,8 @@ def test_is_finite_detects_nan_scores_and_summaries() -> None:
 
 def test_depth_is_normalised_by_the_number_of_blocks() -> None:
     torch.testing.assert_close(make_trace().depth, torch.tensor([4, 5, 6, 7]) / 7.0)
+
+
+def test_from_dict_inverts_to_dict() -> None:
+    trace = make_trace()
+    assert DepthTrace.from_dict(json.loads(json.dumps(trace.to_dict()))).to_dict() == trace.to_dict()

@@ -1,0 +1,154 @@
+"""SpinalCallback: the probe inside a PyTorch Lightning DPO ``LightningModule``.
+
+    trainer = lightning.Trainer(callbacks=[SpinalCallback(tokenizer=tokenizer, every_n_steps=50)])
+
+The adapter only decides when to probe (train start, every ``every_n_steps`` optimizer steps,
+train end) and where to write (the trainer's ``TensorBoardLogger`` when it has one, its own
+``SummaryWriter`` otherwise, on global rank zero); ``ProbeSession`` does the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from spinal_callback.config import SpinalConfig
+from spinal_callback.session import AlertHook, ProbeSession
+from spinal_callback.tensorboard import TraceBoard
+
+REFERENCE_ATTRIBUTES = ("ref_model", "reference", "reference_model")
+
+
+class SpinalCallback(pl.Callback):
+    """Probe late-layer depth traces during Lightning training and write them to TensorBoard.
+
+    Constructor arguments are plain types so ``LightningCLI`` YAML can build the callback.
+
+    Args:
+        config: a ``SpinalConfig`` or a dict of its fields; keyword overrides apply on top.
+        probe_texts: probe texts; ``None`` takes the ``prompt`` field of the datamodule's (or the
+            module's) ``train_dataset``.
+        tokenizer: a tokenizer, or a local directory to load one from; ``None`` uses
+            ``pl_module.tokenizer``.
+        model_attr: attribute of the ``LightningModule`` holding the policy causal LM.
+        log_dir: directory for our own ``SummaryWriter`` when the trainer has no
+            ``TensorBoardLogger``; ``None`` is ``<default_root_dir>/spinal``.
+        on_alert: called with each ``Alert``.
+        **config_overrides: ``SpinalConfig`` fields, e.g. ``every_n_steps=50``.
+
+    The reference traced once as the baseline is ``pl_module.ref_model`` / ``.reference`` /
+    ``.reference_model`` when present, else the PEFT policy with adapters disabled, else the
+    first trace.
+    """
+
+    def __init__(
+        self,
+        config: SpinalConfig | dict[str, Any] | None = None,
+        probe_texts: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        model_attr: str = "model",
+        log_dir: str | None = None,
+        on_alert: AlertHook | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        base = config if isinstance(config, SpinalConfig) else SpinalConfig(**(config or {}))
+        self.config = base.with_overrides(**config_overrides)
+        self.tokenizer = tokenizer
+        self.model_attr = model_attr
+        self.log_dir = log_dir
+        self.session = ProbeSession(self.config, probe_texts, on_alert)
+        self._own_writer: Any = None
+        self._board_attached = False
+
+    @property
+    def traces(self) -> list[Any]:
+        """The ``DepthTrace``s recorded so far (restored ones included after a resume)."""
+        return self.session.history
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        model = self._policy(pl_module)
+        reference = next(
+            (getattr(pl_module, a) for a in REFERENCE_ATTRIBUTES if isinstance(getattr(pl_module, a, None), nn.Module)),
+            None,
+        )
+        self.session.setup(model, self._tokenizer(pl_module), _train_dataset(trainer, pl_module), reference)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and not self._board_attached:
+            self.session.attach_board(TraceBoard(self._writer(trainer)), resume_step=trainer.global_step)
+            self._board_attached = True
+        if trainer.global_step == 0:
+            self._probe(trainer, pl_module, 0)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.session.is_due(trainer.global_step):
+            self._probe(trainer, pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self.session
+        if not session.disabled and session.last_probe_step != trainer.global_step:
+            self._probe(trainer, pl_module, trainer.global_step)
+        session.finish()
+        if self._own_writer is not None:
+            self._own_writer.close()
+            self._own_writer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.session.load_state_dict(state_dict)
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        trace = self.session.probe_at(self._policy(pl_module), step)
+        logs = self.session.pop_pending_logs()
+        if trace is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_metrics(logs, step=step)
+
+    def _policy(self, pl_module: pl.LightningModule) -> nn.Module:
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(
+                f"{type(pl_module).__name__}.{self.model_attr} is not a model; the module's "
+                f"submodules are {children}. Pass SpinalCallback(model_attr=...) naming the policy"
+            )
+        return model
+
+    def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from spinal_callback.loading import load_local_tokenizer
+
+            tokenizer = load_local_tokenizer(tokenizer)
+        return tokenizer
+
+    def _writer(self, trainer: pl.Trainer) -> Any:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._own_writer = SummaryWriter(self.log_dir or os.path.join(trainer.default_root_dir, "spinal"))
+        return self._own_writer
+
+
+def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    datamodule = getattr(trainer, "datamodule", None)
+    for owner in (datamodule, pl_module):
+        dataset = getattr(owner, "train_dataset", None)
+        if dataset is not None:
+            return dataset
+    return None

@@ -1,0 +1,234 @@
+"""ProbeSession: what both training callbacks share, so the adapters only decide when and where.
+
+It builds the probe at setup (every configuration error surfaces there), probes on schedule,
+traces the reference once, keeps the trace history, writes to TensorBoard on the main process,
+survives probe failures, and round-trips its state through checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from spinal_callback.config import SpinalConfig
+from spinal_callback.events import Alert
+from spinal_callback.model_access import peft_model_in
+from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.tensorboard import TraceBoard, summary_scalars
+from spinal_callback.trace import DepthTrace
+
+logger = logging.getLogger("spinal_callback")
+STATE_VERSION = 1
+AlertHook = Callable[[Alert], None]
+
+
+def build_probe_batch(
+    config: SpinalConfig,
+    tokenizer: Any,
+    probe_texts: Sequence[str] | None,
+    dataset: Any = None,
+) -> ProbeBatch:
+    """The probe from explicit texts, else from the prompts of ``dataset``.
+
+    Raises:
+        ValueError: no tokenizer, or neither texts nor a dataset with a ``prompt`` column.
+    """
+    if tokenizer is None:
+        raise ValueError(
+            "spinal-callback needs a tokenizer to build the probe: pass tokenizer=... to the "
+            "callback (Lightning) or processing_class=... to the trainer (HF/TRL)"
+        )
+    if probe_texts:
+        return ProbeBatch.from_texts(tokenizer, list(probe_texts), config.max_probe_length)
+    if dataset is None:
+        raise ValueError(
+            "spinal-callback has no probe texts and no train dataset to take prompts from: "
+            "pass probe_texts=[...] to the callback"
+        )
+    return ProbeBatch.from_dataset(tokenizer, dataset, max_length=config.max_probe_length)
+
+
+class ProbeSession:
+    """Schedule, history, reference, failure handling and output of the probe during training.
+
+    Args:
+        config: the run's ``SpinalConfig``.
+        probe_texts: probe texts; ``None`` takes prompts from the train dataset.
+        on_alert: called with every ``Alert`` raised (on every rank).
+    """
+
+    def __init__(
+        self,
+        config: SpinalConfig,
+        probe_texts: Sequence[str] | None = None,
+        on_alert: AlertHook | None = None,
+    ) -> None:
+        self.config = config
+        self.probe_texts = list(probe_texts) if probe_texts is not None else None
+        self.on_alert = on_alert
+        self.probe: SpinalProbe | None = None
+        self.reference_probe: SpinalProbe | None = None
+        self.board: TraceBoard | None = None
+        self.history: list[DepthTrace] = []
+        self.reference: DepthTrace | None = None
+        self.alerts: list[Alert] = []
+        self.last_probe_step = -1
+        self.disabled = False
+        self.pending_logs: dict[str, float] = {}
+
+    def setup(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        dataset: Any = None,
+        reference_model: nn.Module | None = None,
+    ) -> None:
+        """Build the probe (and the reference probe); raise ``ValueError`` on any bad input."""
+        batch = build_probe_batch(self.config, tokenizer, self.probe_texts, dataset)
+        self.probe = SpinalProbe(model, batch, self.config)
+        if reference_model is not None:
+            self.reference_probe = SpinalProbe(reference_model, batch, self.config)
+
+    def attach_board(self, board: TraceBoard, resume_step: int = 0) -> None:
+        """Write to ``board`` from now on (main process only); hide stale events on resume."""
+        self.board = board
+        if resume_step > 0:
+            board.purge_after(resume_step)
+
+    def is_due(self, step: int) -> bool:
+        """A probe is due every ``every_n_steps`` steps, once per step, unless disabled."""
+        return not self.disabled and step != self.last_probe_step and step % self.config.every_n_steps == 0
+
+    def probe_at(self, model: nn.Module, step: int) -> DepthTrace | None:
+        """Probe now (every rank), record and write (main process); ``None`` if it failed."""
+        trace = self._run_safely(step)
+        self.last_probe_step = step
+        if trace is None:
+            return None
+        if self.reference is None:
+            self.reference = self._reference_trace(model, step) or trace
+        self.history.append(trace)
+        self.pending_logs.update(summary_scalars(trace))
+        if self.board is not None:
+            self.board.write_trace(trace, self.reference)
+            self.board.write_alerts(step, [a for a in self.alerts if a.step == step])
+            if len(self.history) % self.config.image_every == 0:
+                self.board.write_heatmap(self.history)
+            self.board.flush()
+        return trace
+
+    def finish(self) -> None:
+        """Write the final heatmap and flush (call at the end of training)."""
+        if self.board is not None and self.history:
+            self.board.write_heatmap(self.history)
+            self.board.flush()
+
+    def pop_pending_logs(self) -> dict[str, float]:
+        """Summaries of probes not yet passed to the trainer's loggers."""
+        logs, self.pending_logs = self.pending_logs, {}
+        return logs
+
+    def raise_alert(self, alert: Alert) -> None:
+        """Record, log, hand to the user's hook and write an alert."""
+        self.alerts.append(alert)
+        logger.warning("spinal-callback step %d [%s] %s", alert.step, alert.level, alert.message)
+        if self.on_alert is not None:
+            self.on_alert(alert)
+        if self.board is not None:
+            self.board.write_alerts(alert.step, [alert])
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: schedule position, history, reference, failure flag."""
+        return {
+            "version": STATE_VERSION,
+            "last_probe_step": self.last_probe_step,
+            "disabled": self.disabled,
+            "history": [trace.to_dict() for trace in self.history],
+            "reference": self.reference.to_dict() if self.reference is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (e.g. from a checkpoint)."""
+        if int(state.get("version", 0)) > STATE_VERSION:
+            raise ValueError(
+                f"spinal-callback state version {state['version']} is newer than {STATE_VERSION}; "
+                "upgrade spinal-callback to resume this checkpoint"
+            )
+        self.last_probe_step = int(state["last_probe_step"])
+        self.disabled = bool(state["disabled"])
+        self.history = [DepthTrace.from_dict(trace) for trace in state["history"]]
+        reference = state.get("reference")
+        self.reference = DepthTrace.from_dict(reference) if reference else None
+
+    def _reference_trace(self, model: nn.Module, step: int) -> DepthTrace | None:
+        """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""
+        assert self.probe is not None
+        with _failures_logged("reference probe"):
+            if self.reference_probe is not None:
+                return self.reference_probe.run(step)
+            peft_model = peft_model_in(model)
+            if peft_model is not None:
+                with peft_model.disable_adapter():  # type: ignore[operator]
+                    return self.probe.run(step)
+        return None
+
+    def _run_safely(self, step: int) -> DepthTrace | None:
+        """Run the probe; on failure retry once with half the batch, then stop probing."""
+        assert self.probe is not None, "ProbeSession.setup() must run before probing"
+        try:
+            return self.probe.run(step)
+        except Exception as error:  # the training run must outlive any probe failure
+            _release_cached_memory()
+            first_error = error
+        self.raise_alert(
+            _probe_alert(step, f"probe failed ({first_error!r}); retrying with half the probe batch")
+        )
+        try:
+            halved = SpinalProbe(self.probe.model, _half(self.probe.batch), self.config)
+            trace = halved.run(step)
+        except Exception as error:  # as above: never let the probe end training
+            _release_cached_memory()
+            self.disabled = True
+            self.raise_alert(
+                _probe_alert(step, f"probe failed again ({error!r}); probing is off for this run")
+            )
+            return None
+        self.probe = halved
+        return trace
+
+
+def _half(batch: ProbeBatch) -> ProbeBatch:
+    rows = batch.input_ids.shape[0] // 2
+    if rows == 0:
+        raise ValueError("the probe batch has a single row and cannot be halved")
+    return ProbeBatch(batch.input_ids[:rows], batch.attention_mask[:rows])
+
+
+def _probe_alert(step: int, message: str) -> Alert:
+    return Alert(
+        step=step,
+        level="warning",
+        rule="probe_failed",
+        metric="spinal/probe",
+        value=float("nan"),
+        threshold=float("nan"),
+        message=message,
+    )
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _failures_logged(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # a missing reference trace must not end training
+        logger.exception("spinal-callback: the %s failed; the first trace is the baseline", what)

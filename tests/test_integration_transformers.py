@@ -1,0 +1,258 @@
+"""SpinalTrainerCallback inside TRL's DPOTrainer: schedule, TensorBoard, reference, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
+
+from spinal_callback.integrations.transformers import SpinalTrainerCallback
+from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe import SpinalProbe
+from spinal_callback.tensorboard import trace_scalars
+
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+WORDS = "apple river stone cloud tiger lamp ocean bread".split()
+
+
+def preference_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt = [rng.choice(WORDS) for _ in range(3)]
+        other = rng.choice([w for w in WORDS if w != prompt[-1]])
+        rows.append({"prompt": "say: " + " ".join(prompt), "chosen": " " + prompt[-1], "rejected": " " + other})
+    return rows
+
+
+@pytest.fixture
+def make_trainer(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, make_model: Callable[..., PreTrainedModel]
+) -> Callable[..., Any]:
+    def make(
+        callback: SpinalTrainerCallback,
+        max_steps: int = 12,
+        model: PreTrainedModel | None = None,
+        ref_model: PreTrainedModel | None = None,
+        output_dir: Path | None = None,
+        peft_config: Any = None,
+        extra_callbacks: list[TrainerCallback] | None = None,
+        processing_class: Any = "default",
+    ) -> Any:
+        policy = model if model is not None else make_model("llama", layers=4)
+        if ref_model is None and peft_config is None:
+            ref_model = copy.deepcopy(policy)
+        args = trl.DPOConfig(
+            output_dir=str(output_dir or tmp_path / "run"),
+            max_steps=max_steps,
+            per_device_train_batch_size=8,
+            logging_steps=4,
+            save_steps=6,
+            report_to=[],
+            use_cpu=True,
+            learning_rate=1e-3,
+            disable_tqdm=True,
+        )
+        return trl.DPOTrainer(
+            model=policy,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(preference_rows(64)),
+            processing_class=tokenizer if processing_class == "default" else processing_class,
+            callbacks=[*(extra_callbacks or []), callback],
+            peft_config=peft_config,
+        )
+
+    return make
+
+
+def read_scalars(log_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_probes_at_train_begin_every_n_steps_and_train_end(make_trainer: Callable[..., Any]) -> None:
+    callback = SpinalTrainerCallback(every_n_steps=5)
+    make_trainer(callback, max_steps=12).train()
+    assert [trace.step for trace in callback.traces] == [0, 5, 10, 12]
+
+
+def test_tensorboard_holds_exactly_the_traces_the_callback_produced(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    callback = SpinalTrainerCallback(every_n_steps=4, image_every=2)
+    make_trainer(callback).train()
+    events = read_scalars(tmp_path / "run" / "runs" / "spinal")
+    for trace in callback.traces:
+        for tag, value in trace_scalars(trace).items():
+            logged = {event.step: event.value for event in events.Scalars(tag)}
+            assert logged[trace.step] == pytest.approx(value, rel=1e-6), tag
+    steps = [event.step for event in events.Scalars("spinal/ramp/tortuosity")]
+    assert steps == [trace.step for trace in callback.traces]
+    assert "spinal/depth_trace" in events.Tags()["images"]
+    assert {e.value for e in events.Scalars("spinal/alert_level")} == {0.0}
+
+
+def test_tensorboard_shows_the_reference_beside_the_run(make_trainer: Callable[..., Any], tmp_path: Path) -> None:
+    callback = SpinalTrainerCallback(every_n_steps=4)
+    make_trainer(callback).train()
+    events = read_scalars(tmp_path / "run" / "runs" / "spinal")
+    reference = callback.session.reference
+    assert reference is not None
+    for name in RAMP_SUMMARY_NAMES:
+        values = [event.value for event in events.Scalars(f"spinal/reference/ramp/{name}")]
+        assert values == [pytest.approx(reference.summary[name], rel=1e-6)] * len(callback.traces)
+
+
+def test_custom_scalar_layout_groups_each_score_of_the_band(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    make_trainer(SpinalTrainerCallback(every_n_steps=4)).train()
+    events = read_scalars(tmp_path / "run" / "runs" / "spinal")
+    stored = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(stored)
+    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    assert charts["contraction, late band L00-L03"] == [r"^spinal/contraction/L\d+$"]
+    assert charts["tortuosity"] == [r"^spinal/ramp/tortuosity$", r"^spinal/reference/ramp/tortuosity$"]
+
+
+def test_reference_is_the_trls_ref_model(
+    make_trainer: Callable[..., Any], make_model: Callable[..., PreTrainedModel]
+) -> None:
+    policy = make_model("llama", layers=4)
+    reference = make_model("llama", layers=4, seed=1)
+    callback = SpinalTrainerCallback(every_n_steps=4, ref_model=reference)
+    make_trainer(callback, model=policy, ref_model=reference).train()
+    expected = SpinalProbe(reference, callback.session.probe.batch).run()
+    assert callback.session.reference is not None
+    torch.testing.assert_close(callback.session.reference.contraction, expected.contraction)
+    assert not torch.allclose(callback.session.reference.contraction, callback.traces[0].contraction)
+
+
+def test_lora_policy_is_traced_adapted_and_reference_with_adapters_disabled(
+    make_trainer: Callable[..., Any],
+) -> None:
+    from peft import LoraConfig
+
+    callback = SpinalTrainerCallback(every_n_steps=6)
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
+    trainer = make_trainer(callback, peft_config=lora)
+    trainer.train()
+    reference, final = callback.session.reference, callback.traces[-1]
+    assert reference is not None
+    torch.testing.assert_close(reference.contraction, callback.traces[0].contraction)
+    assert not torch.allclose(final.contraction, reference.contraction, atol=1e-5)
+
+
+class LogRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        self.keys.update(logs or {})
+
+
+def test_summaries_reach_reporting_callbacks_listed_before_it(make_trainer: Callable[..., Any]) -> None:
+    recorder = LogRecorder()
+    make_trainer(SpinalTrainerCallback(every_n_steps=4), extra_callbacks=[recorder]).train()
+    assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
+
+
+def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
+    make_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
+) -> None:
+    output = tmp_path / "resumable"
+    first = SpinalTrainerCallback(every_n_steps=4)
+    make_trainer(first, output_dir=output).train()
+    resumed = SpinalTrainerCallback(every_n_steps=4)
+    checkpoint = make_model("llama", layers=4)
+    trainer = make_trainer(resumed, output_dir=output, model=checkpoint)
+    trainer.train(resume_from_checkpoint=str(output / "checkpoint-6"))
+    assert [trace.step for trace in resumed.traces] == [0, 4, 8, 12]
+    events = read_scalars(output / "runs" / "spinal")
+    logged = events.Scalars("spinal/ramp/transport_mean")
+    assert [event.step for event in logged] == [0, 4, 8, 12]
+    assert logged[-1].value == pytest.approx(resumed.traces[-1].summary["transport_mean"], rel=1e-6)
+
+
+def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(make_trainer: Callable[..., Any]) -> None:
+    trainer = make_trainer(SpinalTrainerCallback())
+    trainer.callback_handler.processing_class = None
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_probe_longer_than_the_context_fails_before_the_first_step(make_trainer: Callable[..., Any]) -> None:
+    long_text = " ".join(WORDS * 80)
+    trainer = make_trainer(SpinalTrainerCallback(probe_texts=[long_text], max_probe_length=1024))
+    with pytest.raises(ValueError, match="model's context is 512"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_every_n_steps_below_one_is_rejected_at_construction() -> None:
+    with pytest.raises(ValueError, match="every_n_steps must be an int >= 1, got 0"):
+        SpinalTrainerCallback(every_n_steps=0)
+
+
+def test_unknown_config_field_is_rejected_at_construction() -> None:
+    with pytest.raises(TypeError, match="unknown SpinalConfig field"):
+        SpinalTrainerCallback(every_n_step=5)
+
+
+def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
+    make_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SpinalProbe.run
+    full_rows: list[int] = []
+
+    def run_out_of_memory_on_full_batch(self: SpinalProbe, step: int = 0) -> Any:
+        if not full_rows:
+            full_rows.append(self.batch.input_ids.shape[0])
+        if self.batch.input_ids.shape[0] == full_rows[0] and step >= 4:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return original(self, step)
+
+    monkeypatch.setattr(SpinalProbe, "run", run_out_of_memory_on_full_batch)
+    alerts: list[Any] = []
+    callback = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
+    trainer = make_trainer(callback)
+    trainer.train()
+    assert trainer.state.global_step == 12
+    assert [trace.step for trace in callback.traces] == [0, 4, 8, 12]
+    assert [alert.rule for alert in alerts] == ["probe_failed"]
+    assert callback.traces[-1].metadata["probe_rows"] == full_rows[0] // 2
+
+
+def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
+    make_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SpinalProbe.run
+
+    def fail_after_start(self: SpinalProbe, step: int = 0) -> Any:
+        if step >= 4:
+            raise RuntimeError("CUDA error: simulated")
+        return original(self, step)
+
+    monkeypatch.setattr(SpinalProbe, "run", fail_after_start)
+    alerts: list[Any] = []
+    callback = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
+    trainer = make_trainer(callback)
+    trainer.train()
+    assert trainer.state.global_step == 12
+    assert [trace.step for trace in callback.traces] == [0]
+    assert callback.session.disabled
+    assert len(alerts) == 2 and "probing is off" in alerts[-1].message
