@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
+from spinal_callback.metrics import MIN_SPECTRUM_TOKENS, RAMP_SUMMARY_NAMES
 
 TRANSPORT_MEASURES = ("hellinger", "fisher_rao", "js")
 SPECTRUM_DTYPES = ("float32", "float64")
@@ -46,6 +46,11 @@ class SpinalConfig:
         stop_on: ``"critical"``, ``"warning"`` or ``None`` (never stop).
         event_log: path of the JSONL event log (``None``: ``<log_dir>/spinal_events.jsonl``).
         image_every: write the depth-trace heatmap every this many probes.
+        monitored: ramp summaries the monitor watches (``None``: all six).
+        z_info, z_warning, z_critical: robust z-score thresholds of a summary's step-to-step
+            change (in MAD-sigmas of the run's earlier changes).
+        cusum_drift, cusum_threshold: CUSUM slack per probe and alarm level (warning; twice the
+            level is critical), in units of the warm-up change scale.
     """
 
     late_layers: list[int] | None = None
@@ -68,6 +73,12 @@ class SpinalConfig:
     stop_on: str | None = "critical"
     event_log: str | None = None
     image_every: int = 10
+    monitored: list[str] | None = None
+    z_info: float = 4.0
+    z_warning: float = 6.0
+    z_critical: float = 10.0
+    cusum_drift: float = 1.0
+    cusum_threshold: float = 20.0
 
     def __post_init__(self) -> None:
         if self.late_layers is not None:
@@ -87,6 +98,24 @@ class SpinalConfig:
             _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
         if self.stop_on is not None:
             _check_choice("stop_on", self.stop_on, STOP_LEVELS)
+        if not 0 < self.z_info <= self.z_warning <= self.z_critical:
+            raise ValueError(
+                f"SpinalConfig needs 0 < z_info <= z_warning <= z_critical, got {self.z_info}, "
+                f"{self.z_warning}, {self.z_critical}"
+            )
+        if self.cusum_drift < 0 or self.cusum_threshold <= 0:
+            raise ValueError(
+                f"SpinalConfig needs cusum_drift >= 0 and cusum_threshold > 0, got "
+                f"{self.cusum_drift} and {self.cusum_threshold}"
+            )
+        if self.monitored is not None:
+            unknown = sorted(set(self.monitored) - set(RAMP_SUMMARY_NAMES))
+            if unknown or not self.monitored:
+                raise ValueError(
+                    "SpinalConfig.monitored must be a non-empty subset of "
+                    f"{list(RAMP_SUMMARY_NAMES)}, got {self.monitored}"
+                )
+            object.__setattr__(self, "monitored", list(self.monitored))
         if not 0.0 < self.tail_low < self.tail_high <= 1.0:
             raise ValueError(
                 f"SpinalConfig needs 0 < tail_low < tail_high <= 1, got tail_low={self.tail_low} "

@@ -52,6 +52,9 @@ class ModelParts:
         head_input: a projection between the final norm and the head (OPT's ``project_out``).
         logit_softcap: ``cap`` for models whose logits are ``cap * tanh(logits / cap)`` (Gemma 2).
         paths: the attribute paths found, for messages and fingerprints.
+        entry: the module whose forward the probe calls: ``model``, or the outermost FSDP (v1)
+            wrapper, whose forward gathers the sharded parameters. Other wrappers are skipped
+            so that no DDP collective runs during a probe.
     """
 
     model: nn.Module
@@ -61,6 +64,7 @@ class ModelParts:
     head_input: nn.Module | None
     logit_softcap: float | None
     paths: dict[str, str]
+    entry: nn.Module
 
     @property
     def num_blocks(self) -> int:
@@ -128,7 +132,8 @@ def resolve_model_parts(
     Raises:
         ModelAccessError: naming what was found and the ``SpinalConfig`` field that fixes it.
     """
-    inner = unwrap_model(model)
+    chain = wrapper_chain(model)
+    inner = chain[-1]
     blocks, found_blocks = _resolve_blocks(inner, blocks_path)
     final_norm, found_norm = _resolve_final_norm(inner, final_norm_path)
     head, found_head = _resolve_head(inner, head_path)
@@ -146,6 +151,7 @@ def resolve_model_parts(
         head_input=head_input,
         logit_softcap=float(softcap) if softcap else None,
         paths={"blocks": found_blocks, "final_norm": found_norm, "head": found_head},
+        entry=next((m for m in chain if type(m).__name__ == "FullyShardedDataParallel"), inner),
     )
 
 

@@ -291,7 +291,7 @@ class SpinalProbe:
 
         handles = [self.parts.blocks[i].register_forward_hook(hook_for(i)) for i in self.layers]
         try:
-            self.parts.model(**inputs, use_cache=False)
+            self.parts.entry(**inputs, use_cache=False)
         except _StopForward:
             pass
         finally:

@@ -1,4 +1,4 @@
-"""SpinalTrainerCallback inside TRL's DPOTrainer: schedule, TensorBoard, reference, resume, errors."""
+"""SpinalTrainerCallback in TRL's DPOTrainer: schedule, TensorBoard, reference, resume, errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from spinal_callback.tensorboard import trace_scalars
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
-WORDS = "apple river stone cloud tiger lamp ocean bread".split()
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]
 
 
 def preference_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
@@ -30,7 +30,13 @@ def preference_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
     for _ in range(count):
         prompt = [rng.choice(WORDS) for _ in range(3)]
         other = rng.choice([w for w in WORDS if w != prompt[-1]])
-        rows.append({"prompt": "say: " + " ".join(prompt), "chosen": " " + prompt[-1], "rejected": " " + other})
+        rows.append(
+            {
+                "prompt": "say: " + " ".join(prompt),
+                "chosen": " " + prompt[-1],
+                "rejected": " " + other,
+            }
+        )
     return rows
 
 
@@ -76,12 +82,16 @@ def make_trainer(
 
 
 def read_scalars(log_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}
+    )
     accumulator.Reload()
     return accumulator
 
 
-def test_probes_at_train_begin_every_n_steps_and_train_end(make_trainer: Callable[..., Any]) -> None:
+def test_probes_at_train_begin_every_n_steps_and_train_end(
+    make_trainer: Callable[..., Any],
+) -> None:
     callback = SpinalTrainerCallback(every_n_steps=5)
     make_trainer(callback, max_steps=12).train()
     assert [trace.step for trace in callback.traces] == [0, 5, 10, 12]
@@ -103,7 +113,9 @@ def test_tensorboard_holds_exactly_the_traces_the_callback_produced(
     assert {e.value for e in events.Scalars("spinal/alert_level")} == {0.0}
 
 
-def test_tensorboard_shows_the_reference_beside_the_run(make_trainer: Callable[..., Any], tmp_path: Path) -> None:
+def test_tensorboard_shows_the_reference_beside_the_run(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
     callback = SpinalTrainerCallback(every_n_steps=4)
     make_trainer(callback).train()
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
@@ -125,7 +137,10 @@ def test_custom_scalar_layout_groups_each_score_of_the_band(
     layout = layout_pb2.Layout.FromString(stored)
     charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
     assert charts["contraction, late band L00-L03"] == [r"^spinal/contraction/L\d+$"]
-    assert charts["tortuosity"] == [r"^spinal/ramp/tortuosity$", r"^spinal/reference/ramp/tortuosity$"]
+    assert charts["tortuosity"] == [
+        r"^spinal/ramp/tortuosity$",
+        r"^spinal/reference/ramp/tortuosity$",
+    ]
 
 
 def test_reference_is_the_trls_ref_model(
@@ -138,7 +153,9 @@ def test_reference_is_the_trls_ref_model(
     expected = SpinalProbe(reference, callback.session.probe.batch).run()
     assert callback.session.reference is not None
     torch.testing.assert_close(callback.session.reference.contraction, expected.contraction)
-    assert not torch.allclose(callback.session.reference.contraction, callback.traces[0].contraction)
+    assert not torch.allclose(
+        callback.session.reference.contraction, callback.traces[0].contraction
+    )
 
 
 def test_lora_policy_is_traced_adapted_and_reference_with_adapters_disabled(
@@ -160,11 +177,20 @@ class LogRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.keys: set[str] = set()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.keys.update(logs or {})
 
 
-def test_summaries_reach_reporting_callbacks_listed_before_it(make_trainer: Callable[..., Any]) -> None:
+def test_summaries_reach_reporting_callbacks_listed_before_it(
+    make_trainer: Callable[..., Any],
+) -> None:
     recorder = LogRecorder()
     make_trainer(SpinalTrainerCallback(every_n_steps=4), extra_callbacks=[recorder]).train()
     assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
@@ -187,7 +213,9 @@ def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
     assert logged[-1].value == pytest.approx(resumed.traces[-1].summary["transport_mean"], rel=1e-6)
 
 
-def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(make_trainer: Callable[..., Any]) -> None:
+def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(
+    make_trainer: Callable[..., Any],
+) -> None:
     trainer = make_trainer(SpinalTrainerCallback())
     trainer.callback_handler.processing_class = None
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -195,7 +223,9 @@ def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(make_trai
     assert trainer.state.global_step == 0
 
 
-def test_probe_longer_than_the_context_fails_before_the_first_step(make_trainer: Callable[..., Any]) -> None:
+def test_probe_longer_than_the_context_fails_before_the_first_step(
+    make_trainer: Callable[..., Any],
+) -> None:
     long_text = " ".join(WORDS * 80)
     trainer = make_trainer(SpinalTrainerCallback(probe_texts=[long_text], max_probe_length=1024))
     with pytest.raises(ValueError, match="model's context is 512"):

@@ -75,20 +75,33 @@ class SpinalCallback(pl.Callback):
             return
         model = self._policy(pl_module)
         reference = next(
-            (getattr(pl_module, a) for a in REFERENCE_ATTRIBUTES if isinstance(getattr(pl_module, a, None), nn.Module)),
+            (
+                getattr(pl_module, a)
+                for a in REFERENCE_ATTRIBUTES
+                if isinstance(getattr(pl_module, a, None), nn.Module)
+            ),
             None,
         )
-        self.session.setup(model, self._tokenizer(pl_module), _train_dataset(trainer, pl_module), reference)
+        self.session.setup(
+            model, self._tokenizer(pl_module), _train_dataset(trainer, pl_module), reference
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and not self._board_attached:
-            self.session.attach_board(TraceBoard(self._writer(trainer)), resume_step=trainer.global_step)
+            self.session.attach_board(
+                TraceBoard(self._writer(trainer)), resume_step=trainer.global_step
+            )
             self._board_attached = True
         if trainer.global_step == 0:
             self._probe(trainer, pl_module, 0)
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if self.session.is_due(trainer.global_step):
             self._probe(trainer, pl_module, trainer.global_step)
@@ -128,11 +141,13 @@ class SpinalCallback(pl.Callback):
         return model
 
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        tokenizer = (
+            self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        )
         if isinstance(tokenizer, (str, os.PathLike)):
             from spinal_callback.loading import load_local_tokenizer
 
-            tokenizer = load_local_tokenizer(tokenizer)
+            tokenizer = load_local_tokenizer(os.fspath(tokenizer))
         return tokenizer
 
     def _writer(self, trainer: pl.Trainer) -> Any:
@@ -141,7 +156,9 @@ class SpinalCallback(pl.Callback):
                 return logger.experiment
         from torch.utils.tensorboard import SummaryWriter
 
-        self._own_writer = SummaryWriter(self.log_dir or os.path.join(trainer.default_root_dir, "spinal"))
+        self._own_writer = SummaryWriter(
+            self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
+        )
         return self._own_writer
 
 

@@ -1,7 +1,8 @@
 """SpinalTrainerCallback: the probe inside a Hugging Face ``Trainer`` or TRL ``DPOTrainer``.
 
+    spinal = SpinalTrainerCallback(every_n_steps=50)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train,
-                         processing_class=tokenizer, callbacks=[SpinalTrainerCallback(every_n_steps=50)])
+                         processing_class=tokenizer, callbacks=[spinal])
 
 The adapter only decides when to probe (train begin, every ``every_n_steps``, train end) and
 where to write (``<output_dir>/runs/spinal`` on the main process); ``ProbeSession`` does the rest.
@@ -27,7 +28,7 @@ def default_log_dir(args: TrainingArguments) -> str:
     """``$TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` (transformers < 5), else
     ``<output_dir>/runs``; then ``/spinal``. Stable across resumes, unlike HF's timestamped dir."""
     base = os.getenv("TENSORBOARD_LOGGING_DIR") or getattr(args, "logging_dir", None)
-    return os.path.join(base or os.path.join(args.output_dir, "runs"), "spinal")
+    return os.path.join(base or os.path.join(str(args.output_dir), "runs"), "spinal")
 
 
 class SpinalTrainerCallback(TrainerCallback, ExportableState):
@@ -126,7 +127,11 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         session = self.session
-        if model is not None and not session.disabled and session.last_probe_step != state.global_step:
+        if (
+            model is not None
+            and not session.disabled
+            and session.last_probe_step != state.global_step
+        ):
             session.probe_at(model, state.global_step)
         session.finish()
         if self._writer is not None:
@@ -157,7 +162,8 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         """On resume, load the history saved in the checkpoint's ``trainer_state.json``."""
         if state.global_step == 0 or self.session.last_probe_step >= 0:
             return
-        saved = state.stateful_callbacks.get(type(self).__name__)
+        stored: dict[str, Any] = dict(state.stateful_callbacks or {})  # type: ignore[arg-type]
+        saved = stored.get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
         if saved:
