@@ -1,10 +1,14 @@
-"""Alerts: what the monitor (or the probe machinery) tells a person, with a level and a reason."""
+"""Alerts, and the append-only JSONL event log that survives a killed process."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -32,12 +36,13 @@ class Alert:
     Attributes:
         step: training step of the probe that raised it.
         level: ``"info"``, ``"warning"`` or ``"critical"``.
-        rule: the rule that fired (e.g. ``"robust_z"``, ``"probe_failed"``).
+        rule: the rule that fired (``"robust_z"``, ``"cusum"``, ``"non_finite"``,
+            ``"probe_failed"``).
         metric: the score or summary concerned (e.g. ``"spinal/ramp/jaggedness"``).
         value: the observed value (NaN when not applicable).
         threshold: the threshold it crossed (NaN when not applicable).
-        layers: block indices involved (empty for band-level summaries).
         message: one line a person can act on.
+        layers: block indices involved (empty for band-level summaries).
         time: Unix time the alert was raised.
     """
 
@@ -59,5 +64,49 @@ class Alert:
         return AlertLevel.parse(self.level)
 
     def to_dict(self) -> dict[str, Any]:
-        """The event-log line: step, level, rule, metric, value, threshold, layers, message, time."""
+        """The event-log record: step, level, rule, metric, value, threshold, layers, message,
+        time."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Alert:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+class EventLog:
+    """Append-only JSONL file, one alert per line, flushed and fsynced per line.
+
+    Each write opens, appends, fsyncs and closes, so a line that ``append`` returned from is on
+    disk even if the process is killed with SIGKILL right after. Non-finite numbers are written
+    as ``null`` so every line is strict JSON.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def append(self, alert: Alert) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(_finite_or_none(alert.to_dict()), allow_nan=False)
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        """All complete lines (a torn last line from a crash mid-write is skipped)."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
+def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import Alert
+from spinal_callback.detector import RampMonitor
+from spinal_callback.distributed import any_rank
+from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.tensorboard import TraceBoard, summary_scalars
@@ -80,6 +82,9 @@ class ProbeSession:
         self.last_probe_step = -1
         self.disabled = False
         self.pending_logs: dict[str, float] = {}
+        self.monitor = RampMonitor(config)
+        self.event_log: EventLog | None = None
+        self.stop_requested = False
 
     def setup(
         self,
@@ -94,33 +99,54 @@ class ProbeSession:
         if reference_model is not None:
             self.reference_probe = SpinalProbe(reference_model, batch, self.config)
 
-    def attach_board(self, board: TraceBoard, resume_step: int = 0) -> None:
-        """Write to ``board`` from now on (main process only); hide stale events on resume."""
+    def attach_outputs(self, board: TraceBoard, log_dir: str, resume_step: int = 0) -> None:
+        """Write to ``board`` and the event log in ``log_dir`` (main process only).
+
+        On resume, events newer than ``resume_step`` left by the interrupted run are hidden.
+        """
         self.board = board
+        self.event_log = EventLog(self.config.event_log or f"{log_dir}/spinal_events.jsonl")
         if resume_step > 0:
             board.purge_after(resume_step)
 
     def is_due(self, step: int) -> bool:
-        """A probe is due every ``every_n_steps`` steps, once per step, unless disabled."""
-        return not self.disabled and step != self.last_probe_step and step % self.config.every_n_steps == 0
+        """Every ``every_n_steps`` steps, once per step. The same on every rank (it ignores
+        rank-local state such as a disabled probe), so collectives keyed on it always match."""
+        return step != self.last_probe_step and step % self.config.every_n_steps == 0
 
     def probe_at(self, model: nn.Module, step: int) -> DepthTrace | None:
-        """Probe now (every rank), record and write (main process); ``None`` if it failed."""
-        trace = self._run_safely(step)
+        """Probe now (every rank), score, record and write (main process).
+
+        Returns ``None`` when probing is disabled or failed. Alerts at or above ``stop_on`` set
+        ``stop_requested``; call ``decide_stop`` on every rank to agree on stopping.
+        """
         self.last_probe_step = step
+        trace = None if self.disabled else self._run_safely(step)
         if trace is None:
             return None
         if self.reference is None:
             self.reference = self._reference_trace(model, step) or trace
         self.history.append(trace)
+        alerts = self.monitor.update(trace)
         self.pending_logs.update(summary_scalars(trace))
+        self.pending_logs["spinal/alert_level"] = float(
+            max((a.severity for a in alerts), default=0)
+        )
         if self.board is not None:
             self.board.write_trace(trace, self.reference)
-            self.board.write_alerts(step, [a for a in self.alerts if a.step == step])
+            self.board.write_alerts(step, alerts)
+        for alert in alerts:
+            self.raise_alert(alert)
+        if self.board is not None:
             if len(self.history) % self.config.image_every == 0:
                 self.board.write_heatmap(self.history)
             self.board.flush()
         return trace
+
+    def decide_stop(self) -> bool:
+        """True on every rank if any rank asked to stop; a collective: call it on all ranks at
+        the same steps (every probe step)."""
+        return any_rank(self.stop_requested)
 
     def finish(self) -> None:
         """Write the final heatmap and flush (call at the end of training)."""
@@ -134,13 +160,18 @@ class ProbeSession:
         return logs
 
     def raise_alert(self, alert: Alert) -> None:
-        """Record, log, hand to the user's hook and write an alert."""
+        """Record, log, write (event log first: it must survive a crash) and hand to the hook."""
         self.alerts.append(alert)
+        stop_on = self.config.stop_on
+        if stop_on is not None and alert.severity >= AlertLevel.parse(stop_on):
+            self.stop_requested = True
+        if self.event_log is not None:
+            self.event_log.append(alert)
         logger.warning("spinal-callback step %d [%s] %s", alert.step, alert.level, alert.message)
+        if self.board is not None:
+            self.board.write_alert_text(alert)
         if self.on_alert is not None:
             self.on_alert(alert)
-        if self.board is not None:
-            self.board.write_alerts(alert.step, [alert])
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: schedule position, history, reference, failure flag."""
@@ -150,6 +181,7 @@ class ProbeSession:
             "disabled": self.disabled,
             "history": [trace.to_dict() for trace in self.history],
             "reference": self.reference.to_dict() if self.reference is not None else None,
+            "monitor": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,6 +196,8 @@ class ProbeSession:
         self.history = [DepthTrace.from_dict(trace) for trace in state["history"]]
         reference = state.get("reference")
         self.reference = DepthTrace.from_dict(reference) if reference else None
+        if "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
 
     def _reference_trace(self, model: nn.Module, step: int) -> DepthTrace | None:
         """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""
@@ -186,7 +220,9 @@ class ProbeSession:
             _release_cached_memory()
             first_error = error
         self.raise_alert(
-            _probe_alert(step, f"probe failed ({first_error!r}); retrying with half the probe batch")
+            _probe_alert(
+                step, f"probe failed ({first_error!r}); retrying with half the probe batch"
+            )
         )
         try:
             halved = SpinalProbe(self.probe.model, _half(self.probe.batch), self.config)

@@ -56,7 +56,10 @@ def custom_scalar_layout(layers: Sequence[int]) -> dict[str, Any]:
         "SPINAL depth trace": {
             f"contraction, late band {band}": ["Multiline", [rf"^{PREFIX}/contraction/L\d+$"]],
             f"transport, late band {band}": ["Multiline", [rf"^{PREFIX}/transport/L\d+$"]],
-            f"reference contraction {band}": ["Multiline", [rf"^{REFERENCE_PREFIX}/contraction/L\d+$"]],
+            f"reference contraction {band}": [
+                "Multiline",
+                [rf"^{REFERENCE_PREFIX}/contraction/L\d+$"],
+            ],
             f"reference transport {band}": ["Multiline", [rf"^{REFERENCE_PREFIX}/transport/L\d+$"]],
         },
         "SPINAL ramp (run vs reference)": {
@@ -101,18 +104,22 @@ class TraceBoard:
             self.writer.add_text(f"{PREFIX}/notes", "\n\n".join(trace.notes), trace.step)
 
     def write_alerts(self, step: int, alerts: Sequence[Alert]) -> None:
-        """``spinal/alert_level`` (0 when quiet) and one text entry per alert."""
+        """``spinal/alert_level``: the highest level among ``alerts`` (0 when quiet)."""
         level = max((alert.severity for alert in alerts), default=0)
         self.writer.add_scalar(f"{PREFIX}/alert_level", int(level), step)
-        for alert in alerts:
-            text = f"**{alert.level}** `{alert.rule}` on `{alert.metric}`: {alert.message}"
-            self.writer.add_text(f"{PREFIX}/alerts", text, step)
+
+    def write_alert_text(self, alert: Alert) -> None:
+        """One ``spinal/alerts`` text entry."""
+        text = f"**{alert.level}** `{alert.rule}` on `{alert.metric}`: {alert.message}"
+        self.writer.add_text(f"{PREFIX}/alerts", text, alert.step)
 
     def write_heatmap(self, history: Sequence[DepthTrace]) -> None:
         """Image ``spinal/depth_trace``: both scores as layer x probe-step heatmaps."""
         if not history:
             return
-        self.writer.add_figure(f"{PREFIX}/depth_trace", depth_trace_figure(history), history[-1].step)
+        self.writer.add_figure(
+            f"{PREFIX}/depth_trace", depth_trace_figure(history), history[-1].step
+        )
 
     def flush(self) -> None:
         self.writer.flush()

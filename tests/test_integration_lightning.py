@@ -21,7 +21,9 @@ pl = pytest.importorskip("lightning.pytorch")
 class TinyDPOModule(pl.LightningModule):
     """Policy `model`, frozen `reference`; sigmoid DPO loss on summed token log-probs."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, beta: float = 0.1) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, beta: float = 0.1
+    ) -> None:
         super().__init__()
         self.model = model
         self.reference = copy.deepcopy(model).requires_grad_(False).eval()
@@ -30,12 +32,19 @@ class TinyDPOModule(pl.LightningModule):
 
     def _logps(self, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=ids).logits[:, :-1]
-        return torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+        return (
+            torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
-            ref_c, ref_r = self._logps(self.reference, batch["chosen"]), self._logps(self.reference, batch["rejected"])
-        margin = (self._logps(self.model, batch["chosen"]) - ref_c) - (self._logps(self.model, batch["rejected"]) - ref_r)
+            ref_c, ref_r = (
+                self._logps(self.reference, batch["chosen"]),
+                self._logps(self.reference, batch["rejected"]),
+            )
+        margin = (self._logps(self.model, batch["chosen"]) - ref_c) - (
+            self._logps(self.model, batch["rejected"]) - ref_r
+        )
         loss = -torch.nn.functional.logsigmoid(self.beta * margin).mean()
         self.log("train/loss", loss)
         return loss
@@ -49,14 +58,19 @@ def pair_batches(count: int = 16) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, 300, (count, 4, 6), generator=generator)
     batches = [
-        {"chosen": torch.cat([p, p[:, -1:]], 1), "rejected": torch.cat([p, (p[:, -1:] + 1) % 300], 1)}
+        {
+            "chosen": torch.cat([p, p[:, -1:]], 1),
+            "rejected": torch.cat([p, (p[:, -1:] + 1) % 300], 1),
+        }
         for p in prompts
     ]
     return torch.utils.data.DataLoader(batches, batch_size=None)
 
 
 @pytest.fixture
-def module(make_model: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerFast) -> TinyDPOModule:
+def module(
+    make_model: Callable[..., PreTrainedModel], tokenizer: PreTrainedTokenizerFast
+) -> TinyDPOModule:
     return TinyDPOModule(make_model("llama", layers=4), tokenizer)
 
 
@@ -81,7 +95,9 @@ def events_in(directory: Path) -> EventAccumulator:
     return accumulator
 
 
-def test_probes_at_start_every_n_steps_and_end(module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]) -> None:
+def test_probes_at_start_every_n_steps_and_end(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
     callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=5)
     make_trainer(tmp_path, [callback]).fit(module, pair_batches())
     assert [trace.step for trace in callback.traces] == [0, 5, 10, 12]
@@ -97,10 +113,14 @@ def test_writes_through_the_trainers_tensorboard_logger(
     assert "train/loss" in events.Tags()["scalars"]
     for trace in callback.traces:
         for tag, value in trace_scalars(trace).items():
-            assert {e.step: e.value for e in events.Scalars(tag)}[trace.step] == pytest.approx(value, rel=1e-6)
+            assert {e.step: e.value for e in events.Scalars(tag)}[trace.step] == pytest.approx(
+                value, rel=1e-6
+            )
 
 
-def test_reference_is_the_modules_frozen_reference(module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]) -> None:
+def test_reference_is_the_modules_frozen_reference(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
     callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=6)
     make_trainer(tmp_path, [callback]).fit(module, pair_batches())
     reference, final = callback.session.reference, callback.traces[-1]
@@ -127,9 +147,13 @@ def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(
     tmp_path: Path,
     probe_texts: list[str],
 ) -> None:
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=6, save_top_k=-1)
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), every_n_train_steps=6, save_top_k=-1
+    )
     first = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
-    make_trainer(tmp_path, [first, checkpoints]).fit(TinyDPOModule(make_model("llama", layers=4), tokenizer), pair_batches())
+    make_trainer(tmp_path, [first, checkpoints]).fit(
+        TinyDPOModule(make_model("llama", layers=4), tokenizer), pair_batches()
+    )
     resumed = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
     trainer = make_trainer(tmp_path, [resumed])
     module = TinyDPOModule(make_model("llama", layers=4), tokenizer)
@@ -140,7 +164,9 @@ def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(
     assert logged[-1].value == pytest.approx(resumed.traces[-1].summary["transport_mean"], rel=1e-6)
 
 
-def test_state_dict_round_trips(module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]) -> None:
+def test_state_dict_round_trips(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
     callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
     make_trainer(tmp_path, [callback]).fit(module, pair_batches())
     restored = SpinalCallback(probe_texts=probe_texts)
@@ -152,7 +178,9 @@ def test_wrong_model_attribute_fails_at_setup_naming_the_submodules(
     module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
 ) -> None:
     trainer = make_trainer(tmp_path, [SpinalCallback(probe_texts=probe_texts, model_attr="policy")])
-    with pytest.raises(ValueError, match=r"TinyDPOModule.policy is not a model.*'model', 'reference'"):
+    with pytest.raises(
+        ValueError, match=r"TinyDPOModule.policy is not a model.*'model', 'reference'"
+    ):
         trainer.fit(module, pair_batches())
     assert trainer.global_step == 0
 
@@ -168,15 +196,22 @@ def test_missing_tokenizer_fails_at_setup(
 
 
 def test_tokenizer_can_be_a_local_directory(
-    module: TinyDPOModule, tokenizer: PreTrainedTokenizerFast, tmp_path: Path, probe_texts: list[str]
+    module: TinyDPOModule,
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    probe_texts: list[str],
 ) -> None:
     tokenizer.save_pretrained(tmp_path / "tok")
     module.tokenizer = None  # type: ignore[assignment]
-    callback = SpinalCallback(probe_texts=probe_texts, tokenizer=str(tmp_path / "tok"), every_n_steps=6)
+    callback = SpinalCallback(
+        probe_texts=probe_texts, tokenizer=str(tmp_path / "tok"), every_n_steps=6
+    )
     make_trainer(tmp_path, [callback], max_steps=6).fit(module, pair_batches())
     assert [trace.step for trace in callback.traces] == [0, 6]
 
 
 def test_config_can_be_a_plain_dict_as_from_yaml(probe_texts: list[str]) -> None:
-    callback = SpinalCallback(config={"every_n_steps": 7, "transport": "js"}, probe_texts=probe_texts)
+    callback = SpinalCallback(
+        config={"every_n_steps": 7, "transport": "js"}, probe_texts=probe_texts
+    )
     assert (callback.config.every_n_steps, callback.config.transport) == (7, "js")

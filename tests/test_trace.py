@@ -111,4 +111,6 @@ def test_depth_is_normalised_by_the_number_of_blocks() -> None:
 
 def test_from_dict_inverts_to_dict() -> None:
     trace = make_trace()
-    assert DepthTrace.from_dict(json.loads(json.dumps(trace.to_dict()))).to_dict() == trace.to_dict()
+    assert (
+        DepthTrace.from_dict(json.loads(json.dumps(trace.to_dict()))).to_dict() == trace.to_dict()
+    )

@@ -63,7 +63,6 @@ class SpinalCallback(pl.Callback):
         self.log_dir = log_dir
         self.session = ProbeSession(self.config, probe_texts, on_alert)
         self._own_writer: Any = None
-        self._board_attached = False
 
     @property
     def traces(self) -> list[Any]:
@@ -87,11 +86,9 @@ class SpinalCallback(pl.Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and not self._board_attached:
-            self.session.attach_board(
-                TraceBoard(self._writer(trainer)), resume_step=trainer.global_step
-            )
-            self._board_attached = True
+        if trainer.is_global_zero and self.session.board is None:
+            writer, log_dir = self._writer(trainer)
+            self.session.attach_outputs(TraceBoard(writer), log_dir, trainer.global_step)
         if trainer.global_step == 0:
             self._probe(trainer, pl_module, 0)
 
@@ -122,13 +119,19 @@ class SpinalCallback(pl.Callback):
         self.session.load_state_dict(state_dict)
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Probe, feed non-TensorBoard loggers, and stop (after a checkpoint) on an alert at
+        or above ``stop_on`` on any rank."""
         trace = self.session.probe_at(self._policy(pl_module), step)
         logs = self.session.pop_pending_logs()
-        if trace is None or not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                logger.log_metrics(logs, step=step)
+        if trace is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if not isinstance(logger, TensorBoardLogger):
+                    logger.log_metrics(logs, step=step)
+        if self.session.decide_stop() and not trainer.should_stop:
+            trainer.save_checkpoint(
+                os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
+            )
+            trainer.should_stop = True
 
     def _policy(self, pl_module: pl.LightningModule) -> nn.Module:
         model = getattr(pl_module, self.model_attr, None)
@@ -150,16 +153,16 @@ class SpinalCallback(pl.Callback):
             tokenizer = load_local_tokenizer(os.fspath(tokenizer))
         return tokenizer
 
-    def _writer(self, trainer: pl.Trainer) -> Any:
+    def _writer(self, trainer: pl.Trainer) -> tuple[Any, str]:
+        """The TensorBoardLogger's writer and directory, else our own SummaryWriter's."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                return logger.experiment
+                return logger.experiment, logger.log_dir
         from torch.utils.tensorboard import SummaryWriter
 
-        self._own_writer = SummaryWriter(
-            self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
-        )
-        return self._own_writer
+        log_dir = self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
+        self._own_writer = SummaryWriter(log_dir)
+        return self._own_writer, log_dir
 
 
 def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -169,3 +172,9 @@ def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if dataset is not None:
             return dataset
     return None
+
+
+def _checkpoint_dir(trainer: pl.Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    dirpath = getattr(callback, "dirpath", None)
+    return str(dirpath) if dirpath else os.path.join(trainer.default_root_dir, "checkpoints")

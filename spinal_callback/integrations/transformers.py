@@ -90,11 +90,12 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(self.log_dir or default_log_dir(args))
-            self.session.attach_board(TraceBoard(self._writer), resume_step=state.global_step)
+            log_dir = self.log_dir or default_log_dir(args)
+            self._writer = SummaryWriter(log_dir)
+            self.session.attach_outputs(TraceBoard(self._writer), log_dir, state.global_step)
         self._run_before_reporting_callbacks()
         if state.global_step == 0:
-            self.session.probe_at(model, 0)
+            self._probe(model, 0, control)
 
     def on_step_end(
         self,
@@ -105,7 +106,7 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         **kwargs: Any,
     ) -> None:
         if model is not None and self.session.is_due(state.global_step):
-            self.session.probe_at(model, state.global_step)
+            self._probe(model, state.global_step, control)
 
     def on_log(
         self,
@@ -137,6 +138,13 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def _probe(self, model: nn.Module, step: int, control: TrainerControl) -> None:
+        """Probe, then stop (saving a checkpoint first) if any rank's alerts reached stop_on."""
+        self.session.probe_at(model, step)
+        if self.session.decide_stop():
+            control.should_save = True
+            control.should_training_stop = True
 
     def state(self) -> dict[str, Any]:
         """Saved with every checkpoint (``trainer_state.json``): constructor args and history."""

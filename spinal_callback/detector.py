@@ -1,0 +1,201 @@
+"""RampMonitor: turns a stream of DepthTraces into early-warning Alerts (DESIGN section 4).
+
+Rules, per ramp summary:
+    non_finite   any NaN/inf in a trace: critical at once (no warm-up, no patience).
+    robust_z     robust z-score of the step-to-step change against the median/MAD of all earlier
+                 changes; ``z_info`` raises info at once, ``z_warning`` / ``z_critical`` raise
+                 warning / critical after ``patience`` consecutive probes over the threshold.
+    cusum        two-sided CUSUM of the level, standardised by the warm-up median and the scale
+                 of the warm-up changes, for slow persistent drift; warning over
+                 ``cusum_threshold``, critical over twice that, with the same patience.
+Nothing but non_finite fires during the first ``warmup_probes`` probes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from enum import Enum
+from itertools import pairwise
+from typing import Any
+
+from spinal_callback.config import SpinalConfig
+from spinal_callback.events import Alert, AlertLevel
+from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.trace import DepthTrace
+
+MAD_TO_SIGMA = 1.4826
+
+
+class Rule(str, Enum):
+    NON_FINITE = "non_finite"
+    ROBUST_Z = "robust_z"
+    CUSUM = "cusum"
+
+
+ADVICE = {
+    "contraction_slope": "the late-layer ramp is flattening or reversing",
+    "transport_mean": "late layers are rewriting the prediction more than before",
+    "transport_slope": "transport is no longer falling towards the output",
+    "jaggedness": "contraction across late layers has turned jagged",
+    "tortuosity": "the lens path through the late layers is winding",
+    "lens_entropy": "the output distribution's entropy is moving fast",
+}
+
+
+class RampMonitor:
+    """Scores each new trace against the run's own history and returns the alerts it raises.
+
+    Args:
+        config: thresholds, warm-up and patience (``SpinalConfig`` fields ``warmup_probes``,
+            ``patience``, ``z_info``, ``z_warning``, ``z_critical``, ``cusum_drift``,
+            ``cusum_threshold``, ``monitored``).
+    """
+
+    state_key = "RampMonitor"
+
+    def __init__(self, config: SpinalConfig | None = None) -> None:
+        self.config = config or SpinalConfig()
+        self.metrics: tuple[str, ...] = tuple(self.config.monitored or RAMP_SUMMARY_NAMES)
+        self.history: dict[str, list[float]] = {name: [] for name in self.metrics}
+        self.cusum: dict[str, list[float]] = {name: [0.0, 0.0] for name in self.metrics}
+        self.streak: dict[str, int] = {}
+
+    @property
+    def probes_seen(self) -> int:
+        return len(self.history[self.metrics[0]])
+
+    def update(self, trace: DepthTrace) -> list[Alert]:
+        """Record ``trace`` and return the alerts it raises (possibly none)."""
+        if not trace.is_finite:
+            self._record(trace)
+            return [self._non_finite_alert(trace)]
+        alerts: list[Alert] = []
+        for name in self.metrics:
+            value = trace.summary[name]
+            history = self.history[name]
+            if len(history) >= max(self.config.warmup_probes, 2):
+                alerts.extend(self._score(trace.step, name, value, history))
+            history.append(value)
+        return alerts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": {name: list(values) for name, values in self.history.items()},
+            "cusum": {name: list(values) for name, values in self.cusum.items()},
+            "streak": dict(self.streak),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.metrics) - set(state["history"]))
+        if missing:
+            raise ValueError(
+                f"RampMonitor state lacks metrics {missing}; it was saved with other settings"
+            )
+        self.history = {name: [float(v) for v in state["history"][name]] for name in self.metrics}
+        self.cusum = {name: [float(v) for v in state["cusum"][name]] for name in self.metrics}
+        self.streak = {key: int(value) for key, value in state["streak"].items()}
+
+    def _record(self, trace: DepthTrace) -> None:
+        for name in self.metrics:
+            value = trace.summary[name]
+            if math.isfinite(value):
+                self.history[name].append(value)
+
+    def _score(self, step: int, name: str, value: float, history: list[float]) -> list[Alert]:
+        config = self.config
+        changes = [b - a for a, b in pairwise(history)]
+        scale = _robust_scale(changes, history)
+        z = (value - history[-1] - statistics.median(changes)) / scale
+        alerts = []
+        z_level = _level(abs(z), config.z_info, config.z_warning, config.z_critical)
+        level = self._with_patience(f"{name}/{Rule.ROBUST_Z.value}", z_level)
+        if level is not None:
+            threshold = {1: config.z_info, 2: config.z_warning, 3: config.z_critical}[int(level)]
+            alerts.append(self._alert(step, level, Rule.ROBUST_Z, name, z, threshold))
+        warmup = history[: max(config.warmup_probes, 2)]
+        warmup_changes = [b - a for a, b in pairwise(warmup)]
+        drift = (value - statistics.median(warmup)) / _robust_scale(warmup_changes, warmup)
+        high, low = self.cusum[name]
+        high = max(0.0, high + drift - config.cusum_drift)
+        low = max(0.0, low - drift - config.cusum_drift)
+        self.cusum[name] = [high, low]
+        statistic = max(high, low)
+        cusum_level = _level(
+            statistic, math.inf, config.cusum_threshold, 2 * config.cusum_threshold
+        )
+        level = self._with_patience(f"{name}/{Rule.CUSUM.value}", cusum_level)
+        if level is not None:
+            threshold = config.cusum_threshold * (2 if level == AlertLevel.CRITICAL else 1)
+            alerts.append(self._alert(step, level, Rule.CUSUM, name, statistic, threshold))
+        return alerts
+
+    def _with_patience(self, key: str, level: AlertLevel | None) -> AlertLevel | None:
+        """Info fires at once; warning/critical only after ``patience`` consecutive probes."""
+        if level is None or level == AlertLevel.INFO:
+            self.streak[key] = 0
+            return level
+        self.streak[key] = self.streak.get(key, 0) + 1
+        if self.streak[key] >= self.config.patience:
+            return level
+        return AlertLevel.INFO
+
+    def _alert(
+        self, step: int, level: AlertLevel, rule: Rule, name: str, value: float, threshold: float
+    ) -> Alert:
+        what = "change" if rule == Rule.ROBUST_Z else "drift"
+        message = (
+            f"{name} {what} score {value:+.1f} beyond {threshold:g}: "
+            f"{ADVICE.get(name, 'the ramp moved')}; check the learning rate and beta, "
+            "and compare with the reference trace"
+        )
+        return Alert(
+            step=step,
+            level=level.name.lower(),
+            rule=rule.value,
+            metric=f"spinal/ramp/{name}",
+            value=float(value),
+            threshold=float(threshold),
+            message=message,
+        )
+
+    def _non_finite_alert(self, trace: DepthTrace) -> Alert:
+        bad = [n for n, v in trace.summary.items() if not math.isfinite(v)]
+        layers = [
+            layer
+            for layer, v in zip(trace.layers, trace.contraction.tolist())
+            if not math.isfinite(v)
+        ]
+        return Alert(
+            step=trace.step,
+            level="critical",
+            rule=Rule.NON_FINITE.value,
+            metric="spinal/ramp/" + (bad[0] if bad else "contraction"),
+            value=float("nan"),
+            threshold=float("nan"),
+            layers=layers,
+            message=(
+                f"non-finite depth trace (summaries {bad or 'finite'}, "
+                f"layers {layers or 'finite'}): the weights or activations overflowed; stop, "
+                "lower the learning rate or loss scale, and resume from the last finite checkpoint"
+            ),
+        )
+
+
+def _robust_scale(changes: Sequence[float], levels: Sequence[float]) -> float:
+    """MAD-based sigma of the changes, floored so a flat history does not divide by ~0."""
+    median = statistics.median(changes)
+    mad = statistics.median(abs(c - median) for c in changes)
+    floor = 1e-3 * max(abs(statistics.median(levels)), 1e-3)
+    return max(MAD_TO_SIGMA * mad, floor)
+
+
+def _level(score: float, info: float, warning: float, critical: float) -> AlertLevel | None:
+    if score >= critical:
+        return AlertLevel.CRITICAL
+    if score >= warning:
+        return AlertLevel.WARNING
+    if score >= info:
+        return AlertLevel.INFO
+    return None
