@@ -49,8 +49,8 @@ class SpinalConfig:
         monitored: ramp summaries the monitor watches (``None``: all six).
         z_info, z_warning, z_critical: robust z-score thresholds of a summary's step-to-step
             change (in MAD-sigmas of the run's earlier changes).
-        cusum_drift, cusum_threshold: CUSUM slack per probe and alarm level (warning; twice the
-            level is critical), in units of the warm-up change scale.
+        cusum_drift, cusum_threshold: CUSUM slack per probe and warning level, in units of the
+            level noise.
     """
 
     late_layers: list[int] | None = None
@@ -77,8 +77,8 @@ class SpinalConfig:
     z_info: float = 4.0
     z_warning: float = 6.0
     z_critical: float = 10.0
-    cusum_drift: float = 1.0
-    cusum_threshold: float = 20.0
+    cusum_drift: float = 2.0
+    cusum_threshold: float = 40.0
 
     def __post_init__(self) -> None:
         if self.late_layers is not None:

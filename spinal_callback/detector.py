@@ -5,9 +5,10 @@ Rules, per ramp summary:
     robust_z     robust z-score of the step-to-step change against the median/MAD of all earlier
                  changes; ``z_info`` raises info at once, ``z_warning`` / ``z_critical`` raise
                  warning / critical after ``patience`` consecutive probes over the threshold.
-    cusum        two-sided CUSUM of the level, standardised by the warm-up median and the scale
-                 of the warm-up changes, for slow persistent drift; warning over
-                 ``cusum_threshold``, critical over twice that, with the same patience.
+    cusum        two-sided CUSUM of the level against the early run's median, in units of the
+                 level noise, with slack ``cusum_drift`` per probe: slow persistent drift. It
+                 raises a warning over ``cusum_threshold`` and restarts; drift alone is never
+                 critical, because healthy DPO moves the ramp too.
 Nothing but non_finite fires during the first ``warmup_probes`` probes.
 """
 
@@ -26,6 +27,8 @@ from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.trace import DepthTrace
 
 MAD_TO_SIGMA = 1.4826
+MIN_CHANGES = 8
+"""Fewer earlier changes than this give too noisy a MAD to score a new change against."""
 
 
 class Rule(str, Enum):
@@ -75,7 +78,7 @@ class RampMonitor:
         for name in self.metrics:
             value = trace.summary[name]
             history = self.history[name]
-            if len(history) >= max(self.config.warmup_probes, 2):
+            if len(history) > max(self.config.warmup_probes, MIN_CHANGES):
                 alerts.extend(self._score(trace.step, name, value, history))
             history.append(value)
         return alerts
@@ -110,34 +113,39 @@ class RampMonitor:
         z = (value - history[-1] - statistics.median(changes)) / scale
         alerts = []
         z_level = _level(abs(z), config.z_info, config.z_warning, config.z_critical)
-        level = self._with_patience(f"{name}/{Rule.ROBUST_Z.value}", z_level)
+        level = self._with_patience(f"{name}/{Rule.ROBUST_Z.value}", z_level, z)
         if level is not None:
             threshold = {1: config.z_info, 2: config.z_warning, 3: config.z_critical}[int(level)]
             alerts.append(self._alert(step, level, Rule.ROBUST_Z, name, z, threshold))
-        warmup = history[: max(config.warmup_probes, 2)]
-        warmup_changes = [b - a for a, b in pairwise(warmup)]
-        drift = (value - statistics.median(warmup)) / _robust_scale(warmup_changes, warmup)
+        # Level drift against the early run, in units of the level noise (change scale / sqrt 2):
+        # slow, persistent moves that no single change gives away accumulate here.
+        baseline = statistics.median(history[: MIN_CHANGES + 1])
+        deviation = (value - baseline) / (scale / math.sqrt(2.0))
         high, low = self.cusum[name]
-        high = max(0.0, high + drift - config.cusum_drift)
-        low = max(0.0, low - drift - config.cusum_drift)
-        self.cusum[name] = [high, low]
+        high = max(0.0, high + deviation - config.cusum_drift)
+        low = max(0.0, low - deviation - config.cusum_drift)
         statistic = max(high, low)
-        cusum_level = _level(
-            statistic, math.inf, config.cusum_threshold, 2 * config.cusum_threshold
-        )
-        level = self._with_patience(f"{name}/{Rule.CUSUM.value}", cusum_level)
-        if level is not None:
-            threshold = config.cusum_threshold * (2 if level == AlertLevel.CRITICAL else 1)
-            alerts.append(self._alert(step, level, Rule.CUSUM, name, statistic, threshold))
+        if statistic >= config.cusum_threshold:
+            alerts.append(
+                self._alert(
+                    step, AlertLevel.WARNING, Rule.CUSUM, name, statistic, config.cusum_threshold
+                )
+            )
+            high = low = 0.0
+        self.cusum[name] = [high, low]
         return alerts
 
-    def _with_patience(self, key: str, level: AlertLevel | None) -> AlertLevel | None:
-        """Info fires at once; warning/critical only after ``patience`` consecutive probes."""
+    def _with_patience(self, key: str, level: AlertLevel | None, direction: float) -> AlertLevel | None:
+        """Info fires at once; warning/critical only after ``patience`` consecutive probes over
+        the threshold in the same direction (a lone spike and its return are two opposite
+        crossings, not a trend)."""
         if level is None or level == AlertLevel.INFO:
             self.streak[key] = 0
             return level
-        self.streak[key] = self.streak.get(key, 0) + 1
-        if self.streak[key] >= self.config.patience:
+        sign = 1 if direction >= 0 else -1
+        previous = self.streak.get(key, 0)
+        self.streak[key] = previous + sign if previous * sign > 0 else sign
+        if abs(self.streak[key]) >= self.config.patience:
             return level
         return AlertLevel.INFO
 
@@ -188,7 +196,8 @@ def _robust_scale(changes: Sequence[float], levels: Sequence[float]) -> float:
     median = statistics.median(changes)
     mad = statistics.median(abs(c - median) for c in changes)
     floor = 1e-3 * max(abs(statistics.median(levels)), 1e-3)
-    return max(MAD_TO_SIGMA * mad, floor)
+    # Half the standard deviation guards against a MAD that a short history underestimates.
+    return max(MAD_TO_SIGMA * mad, 0.5 * statistics.pstdev(changes), floor)
 
 
 def _level(score: float, info: float, warning: float, critical: float) -> AlertLevel | None:

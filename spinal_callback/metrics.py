@@ -162,9 +162,13 @@ def contraction_scores(
         hidden: ``[L, n, d]`` activations of the same ``n`` valid tokens at ``L`` layers.
 
     Returns:
-        ``(alpha, status)``: float32 ``[L]`` and int8 ``[L]`` ``ContractionStatus`` codes.
+        ``(alpha, status)``: float32 ``[L]`` and int8 ``[L]`` ``ContractionStatus`` codes. A layer
+        with any non-finite activation gets ``alpha = NaN`` (the eigen-solver never sees it).
     """
-    return fit_tail_exponent(covariance_eigenvalues(hidden, dtype), tail_low, tail_high)
+    finite = torch.isfinite(hidden).flatten(-2).all(dim=-1)
+    safe = torch.where(finite[..., None, None], hidden, torch.zeros_like(hidden))
+    alpha, status = fit_tail_exponent(covariance_eigenvalues(safe, dtype), tail_low, tail_high)
+    return torch.where(finite, alpha, torch.full_like(alpha, math.nan)), status
 
 
 def per_token_transport(log_p: Tensor, log_q: Tensor, measure: str = "hellinger") -> Tensor:

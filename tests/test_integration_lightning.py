@@ -215,3 +215,31 @@ def test_config_can_be_a_plain_dict_as_from_yaml(probe_texts: list[str]) -> None
         config={"every_n_steps": 7, "transport": "js"}, probe_texts=probe_texts
     )
     assert (callback.config.every_n_steps, callback.config.transport) == (7, "js")
+
+
+class PoisonWeightsAt(pl.Callback):
+    """Fault injection: overwrite one late MLP weight with inf after optimizer step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.model.layers[-1].mlp.down_proj.weight.fill_(float("inf"))
+
+
+def test_critical_alert_saves_a_checkpoint_and_stops_training(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
+    alerts: list[Any] = []
+    callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=2, on_alert=alerts.append)
+    trainer = make_trainer(tmp_path, [PoisonWeightsAt(4), callback], enable_checkpointing=False)
+    trainer.fit(module, pair_batches())
+    assert trainer.global_step == 4
+    assert (tmp_path / "checkpoints" / "spinal-stop-step=4.ckpt").is_file()
+    assert [(a.step, a.level, a.rule) for a in alerts] == [(4, "critical", "non_finite")]
+    events = (Path(trainer.logger.log_dir) / "spinal_events.jsonl").read_text().splitlines()
+    assert len(events) == 1

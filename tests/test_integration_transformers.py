@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -286,3 +287,43 @@ def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
     assert [trace.step for trace in callback.traces] == [0]
     assert callback.session.disabled
     assert len(alerts) == 2 and "probing is off" in alerts[-1].message
+
+
+class PoisonWeightsAt(TrainerCallback):
+    """Fault injection: overwrite one late MLP weight with inf after optimizer step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.layers[-1].mlp.down_proj.weight.fill_(float("inf"))
+
+
+def test_critical_alert_saves_a_checkpoint_and_stops_training(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    alerts: list[Any] = []
+    callback = SpinalTrainerCallback(every_n_steps=2, on_alert=alerts.append)
+    trainer = make_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    assert [(a.step, a.level, a.rule) for a in alerts] == [(4, "critical", "non_finite")]
+    log_dir = tmp_path / "run" / "runs" / "spinal"
+    lines = (log_dir / "spinal_events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["rule"] for line in lines] == ["non_finite"]
+    levels = {e.step: e.value for e in read_scalars(log_dir).Scalars("spinal/alert_level")}
+    assert levels[4] == 3.0 and levels[2] == 0.0
+
+
+def test_stop_on_none_only_warns(make_trainer: Callable[..., Any]) -> None:
+    alerts: list[Any] = []
+    callback = SpinalTrainerCallback(every_n_steps=2, stop_on=None, on_alert=alerts.append)
+    trainer = make_trainer(callback, max_steps=8, extra_callbacks=[PoisonWeightsAt(4)])
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert alerts and all(a.rule == "non_finite" for a in alerts)

@@ -239,3 +239,10 @@ def test_tortuosity_is_finite_when_the_path_returns_to_its_start() -> None:
 
 def test_ols_slope_is_zero_for_constant_x() -> None:
     assert ols_slope(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])).item() == 0.0
+
+
+def test_contraction_of_non_finite_activations_is_nan_without_raising() -> None:
+    layers = torch.stack([power_law_samples(256, 32, 1.5, 8), power_law_samples(256, 32, 1.5, 9)])
+    layers[1, 3, 4] = float("inf")
+    alpha, _ = contraction_scores(layers)
+    assert torch.isfinite(alpha[0]) and torch.isnan(alpha[1])
