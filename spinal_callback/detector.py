@@ -135,7 +135,9 @@ class RampMonitor:
         self.cusum[name] = [high, low]
         return alerts
 
-    def _with_patience(self, key: str, level: AlertLevel | None, direction: float) -> AlertLevel | None:
+    def _with_patience(
+        self, key: str, level: AlertLevel | None, direction: float
+    ) -> AlertLevel | None:
         """Info fires at once; warning/critical only after ``patience`` consecutive probes over
         the threshold in the same direction (a lone spike and its return are two opposite
         crossings, not a trend)."""
