@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := spinal_callback tests bench
+SOURCES := spinal_callback tests bench recipes
 
 .PHONY: install lint test demo bench clean
 
@@ -27,10 +27,11 @@ test: lint
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/spinal demo
+	$(BIN)/python recipes/trl_dpo.py --output-dir runs/demo
 
 bench: install
 	$(BIN)/python bench/probe_cost.py
+	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache
