@@ -165,9 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     metrics = run(args)
     print(f"\nTensorBoard: tensorboard --logdir {args.output_dir}/tb")
+    nan = float("nan")
     print(
-        f"after {args.steps} steps: train rewards/accuracies {metrics.get('rewards/accuracies', float('nan')):.3f}, "
-        f"held-out {metrics.get('eval_rewards/accuracies', float('nan')):.3f}"
+        f"after {args.steps} steps: train rewards/accuracies "
+        f"{metrics.get('rewards/accuracies', nan):.3f}, "
+        f"held-out {metrics.get('eval_rewards/accuracies', nan):.3f}"
     )
     return 0
 
