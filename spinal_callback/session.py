@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
-from spinal_callback.distributed import any_rank
+from spinal_callback import distributed
 from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
@@ -99,14 +100,20 @@ class ProbeSession:
         if reference_model is not None:
             self.reference_probe = SpinalProbe(reference_model, batch, self.config)
 
-    def attach_outputs(self, board: TraceBoard, log_dir: str, resume_step: int = 0) -> None:
-        """Write to ``board`` and the event log in ``log_dir`` (main process only).
+    def attach_outputs(self, board: TraceBoard | None, log_dir: str, resume_step: int = 0) -> None:
+        """Write to ``board`` (main process only; ``None`` elsewhere) and to the event log.
 
-        On resume, events newer than ``resume_step`` left by the interrupted run are hidden.
+        The event log is ``<log_dir>/spinal_events.jsonl`` (or ``config.event_log``) on the main
+        process and ``spinal_events.rank<k>.jsonl`` beside it on rank ``k``, so an alert raised on
+        one rank only is on disk too. On resume, TensorBoard events newer than ``resume_step``
+        left by the interrupted run are hidden.
         """
         self.board = board
-        self.event_log = EventLog(self.config.event_log or f"{log_dir}/spinal_events.jsonl")
-        if resume_step > 0:
+        main_log = Path(self.config.event_log or Path(log_dir) / "spinal_events.jsonl")
+        rank = distributed.rank()
+        path = main_log if rank == 0 else main_log.with_name(f"{main_log.stem}.rank{rank}.jsonl")
+        self.event_log = EventLog(path)
+        if board is not None and resume_step > 0:
             board.purge_after(resume_step)
 
     def is_due(self, step: int) -> bool:
@@ -146,7 +153,7 @@ class ProbeSession:
     def decide_stop(self) -> bool:
         """True on every rank if any rank asked to stop; a collective: call it on all ranks at
         the same steps (every probe step)."""
-        return any_rank(self.stop_requested)
+        return distributed.any_rank(self.stop_requested)
 
     def finish(self) -> None:
         """Write the final heatmap and flush (call at the end of training)."""

@@ -86,9 +86,13 @@ class SpinalCallback(pl.Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self.session.board is None:
-            writer, log_dir = self._writer(trainer)
-            self.session.attach_outputs(TraceBoard(writer), log_dir, trainer.global_step)
+        if self.session.event_log is None:
+            if trainer.is_global_zero:
+                writer, log_dir = self._writer(trainer)
+                self.session.attach_outputs(TraceBoard(writer), log_dir, trainer.global_step)
+            else:
+                log_dir = self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
+                self.session.attach_outputs(None, log_dir, trainer.global_step)
         if trainer.global_step == 0:
             self._probe(trainer, pl_module, 0)
 

@@ -87,12 +87,14 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         dataset = getattr(train_dataloader, "dataset", None)
         self.session.setup(model, tokenizer, dataset, self.ref_model)
         self._restore_from(state)
+        log_dir = self.log_dir or default_log_dir(args)
+        board = None
         if state.is_world_process_zero:
             from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = self.log_dir or default_log_dir(args)
             self._writer = SummaryWriter(log_dir)
-            self.session.attach_outputs(TraceBoard(self._writer), log_dir, state.global_step)
+            board = TraceBoard(self._writer)
+        self.session.attach_outputs(board, log_dir, state.global_step)
         self._run_before_reporting_callbacks()
         if state.global_step == 0:
             self._probe(model, 0, control)
