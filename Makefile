@@ -32,6 +32,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/probe_cost.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/early_warning.py
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -99,7 +99,7 @@ def test_slow_persistent_drift_is_caught_by_cusum() -> None:
         for i in range(60)
     ]
     alerts = run(monitor, drifting)
-    assert any(a.rule == "cusum" and a.level == "warning" for a in alerts)
+    assert any(a.rule == "cusum" and a.level == "info" for a in alerts)
     assert not any(a.level == "critical" for a in alerts)
 
 

@@ -1,0 +1,179 @@
+"""Training overhead of SpinalTrainerCallback at the default cadence, in one process.
+
+Runs the same TRL DPO run (tiny Llama, synthetic preference pairs, same seed) alternately without
+and with the callback, several times, and reports the median steps/s and the peak memory of both.
+
+    python bench/overhead.py                     # CPU, tiny model
+    python bench/overhead.py --preset llama-1b   # CUDA, Llama-3.2-1B-shaped, bf16
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run; on the CPU the peak
+resident set size sampled every 2 ms during the run (``/proc/self/statm``), above the level
+before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spinal_callback.integrations.transformers import SpinalTrainerCallback
+from spinal_callback.preference_data import make_preference_pairs, tokenizer_corpus
+from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+
+
+class PeakResidentMemory:
+    """Samples this process's resident set size in a thread; ``peak_mib`` above the start."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self.page
+
+    def __enter__(self) -> PeakResidentMemory:
+        self._start, self._peak = self._rss(), 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(0, self._peak - self._start) / 2**20
+
+
+def build_models(preset: str, device: str, vocab_size: int) -> torch.nn.Module:
+    if preset == "tiny":
+        return build_tiny_model("llama", vocab_size=vocab_size, hidden=64, layers=8)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+
+
+def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict[str, float]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    policy = build_models(args.preset, args.device, len(tokenizer))
+    reference = copy.deepcopy(policy)
+    pairs = Dataset.from_list(make_preference_pairs(args.steps * args.batch_size, seed=0))
+    callbacks = [SpinalTrainerCallback()] if with_spinal else []
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = DPOConfig(
+            output_dir=output_dir,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=5e-4,
+            logging_steps=25,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=args.device == "cpu",
+            bf16=args.device != "cpu",
+            seed=0,
+        )
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            args=config,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+        if args.device != "cpu":
+            torch.cuda.reset_peak_memory_stats()
+        with PeakResidentMemory() as memory:
+            started = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - started
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else memory.peak_mib
+        )
+    probes = len(callbacks[0].traces) if callbacks else 0
+    return {"steps_per_second": args.steps / seconds, "peak_mib": peak, "probes": probes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=["tiny", "llama-1b"], default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/overhead.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=320)
+    runs: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
+    one_run(args, tokenizer, with_spinal=True)  # warm-up: imports, allocator, first compile paths
+    for _ in range(args.repeats):
+        for label in ("without", "with"):
+            runs[label].append(one_run(args, tokenizer, with_spinal=label == "with"))
+    summary = {
+        label: {
+            "steps_per_second": statistics.median(r["steps_per_second"] for r in results),
+            "peak_mib": statistics.median(r["peak_mib"] for r in results),
+            "probes": results[0]["probes"],
+        }
+        for label, results in runs.items()
+    }
+    slowdown = 1 - summary["with"]["steps_per_second"] / summary["without"]["steps_per_second"]
+    memory = summary["with"]["peak_mib"] / max(summary["without"]["peak_mib"], 1e-9) - 1
+    device = (
+        torch.cuda.get_device_name()
+        if args.device != "cpu"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"callback overhead: preset {args.preset}, {device}, "
+        f"{args.steps} steps x {args.repeats} alternating runs"
+    )
+    print(f"{'':10}{'steps/s':>10}{'peak MiB':>10}{'probes':>8}")
+    for label, result in summary.items():
+        print(
+            f"{label:10}{result['steps_per_second']:10.2f}{result['peak_mib']:10.1f}{result['probes']:8d}"
+        )
+    print(f"slowdown {slowdown:+.2%}, extra peak memory {memory:+.2%}")
+    output = Path(args.out)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {"device": device, "runs": runs, "summary": summary, "slowdown": slowdown}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
