@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
-from spinal_callback import distributed
 from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
