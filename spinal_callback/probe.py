@@ -232,13 +232,15 @@ class SpinalProbe:
         self.model_fingerprint = _model_fingerprint(self.parts)
 
     def run(self, step: int = 0) -> DepthTrace:
-        """One inference-mode, eval-mode forward; returns the trace (scores computed on device).
+        """One no-grad, eval-mode forward; returns the trace (scores computed on device).
 
         The model's train/eval flags are restored afterwards, also when the forward raises.
         """
         started = time.perf_counter()
         device = _device_of(self.parts.model)
-        with _eval_mode(self.model), torch.inference_mode(), self._autocast(device):
+        # no_grad, not inference_mode: FSDP materialises its gathered weights during the first
+        # forward, and weights created under inference_mode break the training step after it.
+        with _eval_mode(self.model), torch.no_grad(), self._autocast(device):
             spectrum_hidden, transport_hidden = self._capture(device)
             scores = self._scores(spectrum_hidden, transport_hidden)
             # The one host synchronisation of the probe.

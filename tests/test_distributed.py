@@ -42,9 +42,11 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_processes(arguments: list[str], port: int, timeout: float = RUN_TIMEOUT_S) -> str:
-    """Run ``python <arguments>`` in its own process group; fail the test with its output tail
-    on a non-zero exit, and kill the whole group (workers included) on a timeout."""
+def run_processes(
+    arguments: list[str], port: int, log: Path, timeout: float = RUN_TIMEOUT_S
+) -> None:
+    """Run ``python <arguments>`` with its output in ``log``; fail the test with the output's tail
+    on a non-zero exit or a timeout, and leave no process of the run behind."""
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     environment.update(
         PYTHONPATH=os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")]),
@@ -54,29 +56,57 @@ def run_processes(arguments: list[str], port: int, timeout: float = RUN_TIMEOUT_
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
     )
-    with subprocess.Popen(
-        [sys.executable, *arguments],
-        cwd=REPO,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    ) as process:
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, *arguments],
+            cwd=REPO,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            output, _ = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            output = ""
-        finally:
-            # The group is the one this test started: the launcher and its rank processes.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        if process.poll() is None:
+            kill_process_tree(process.pid)
             process.wait()
-            pytest.fail(f"{arguments[0]} did not finish within {timeout:.0f} s")
+            pytest.fail(f"{arguments[0]} did not finish within {timeout:.0f} s:\n{tail(log)}")
+        finally:
+            kill_process_tree(process.pid)
     if process.returncode != 0:
-        pytest.fail(f"{arguments[0]} exited with {process.returncode}:\n{output[-6000:]}")
-    return output
+        pytest.fail(f"{arguments[0]} exited with {process.returncode}:\n{tail(log)}")
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid``'s descendants, then its process group (the session this test started).
+
+    torchrun starts each rank in a session of its own, so the group alone would miss them.
+    """
+    for victim in descendants(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below ``pid``, read from ``/proc`` (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        below = children.get(pending.pop(), [])
+        found.extend(below)
+        pending.extend(below)
+    return found
+
+
+def tail(log: Path, characters: int = 6000) -> str:
+    return log.read_text(errors="replace")[-characters:]
 
 
 def torchrun(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
@@ -93,12 +123,14 @@ def torchrun(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
             *options,
         ],
         port,
+        out_dir / "launch.log",
     )
     return rank_records(out_dir)
 
 
 def lightning_run(out_dir: Path, *options: str) -> list[dict[str, Any]]:
-    run_processes([str(SCRIPTS / "lightning_ddp_run.py"), str(out_dir), *options], free_port())
+    arguments = [str(SCRIPTS / "lightning_dpo_ddp_run.py"), str(out_dir), *options]
+    run_processes(arguments, free_port(), out_dir / "launch.log")
     return rank_records(out_dir)
 
 
@@ -215,15 +247,6 @@ def test_lightning_ddp_tensorboard_holds_each_probe_step_once(
     assert logged_steps(log_dir, "train/loss")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "package bug: SpinalCallback.on_train_end probes only where `not session.disabled`, and "
-        "the probe ends in decide_stop() (an all_reduce), so a rank whose probing was switched "
-        "off skips a collective the other ranks enter. Fix: drop `not session.disabled and` "
-        "there; probe_at() already returns None on a disabled rank"
-    ),
-)
 def test_lightning_ddp_probing_switched_off_on_one_rank_keeps_the_collectives_matched(
     tmp_path: Path,
 ) -> None:
@@ -284,16 +307,6 @@ def test_fsdp_probe_gathers_the_shards_and_matches_the_unsharded_model_on_every_
     assert first["cold_traces"][0] == second["cold_traces"][0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "package bug: SpinalProbe.run runs under torch.inference_mode(); a probe before the "
-        "first training forward makes FSDP allocate its unsharded parameters as inference "
-        "tensors, and the next training forward fails ('Inplace update to inference tensor "
-        "outside InferenceMode' / 'Setting requires_grad=True on inference tensor'). "
-        "Fix: torch.no_grad() instead of torch.inference_mode() in SpinalProbe.run"
-    ),
-)
 def test_fsdp_model_trains_after_a_probe_that_ran_before_its_first_forward(
     fsdp_run: list[dict[str, Any]],
 ) -> None:

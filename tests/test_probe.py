@@ -169,12 +169,10 @@ def test_run_restores_each_modules_training_flag(
     llama.model.layers[0].eval()
     seen: dict[str, Any] = {}
     llama.model.layers[7].register_forward_hook(
-        lambda m, a, o: seen.update(
-            training=m.training, inference=torch.is_inference_mode_enabled()
-        )
+        lambda m, a, o: seen.update(training=m.training, grad=torch.is_grad_enabled())
     )
     SpinalProbe(llama, probe_batch).run()
-    assert seen == {"training": False, "inference": True}
+    assert seen == {"training": False, "grad": False}
     assert llama.training and llama.model.layers[1].training
     assert not llama.model.layers[0].training
 

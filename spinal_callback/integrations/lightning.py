@@ -109,7 +109,9 @@ class SpinalCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self.session
-        if not session.disabled and session.last_probe_step != trainer.global_step:
+        # Every rank must take part (probe_at is a no-op where probing is off): decide_stop is a
+        # collective.
+        if session.last_probe_step != trainer.global_step:
             self._probe(trainer, pl_module, trainer.global_step)
         session.finish()
         if self._own_writer is not None:

@@ -1,6 +1,6 @@
 """Two-process Lightning DDP (gloo, CPU) run of a tiny DPO module with ``SpinalCallback``.
 
-Launched by ``tests/test_distributed.py`` as ``python tests/distributed/lightning_ddp_run.py
+Launched by ``tests/test_distributed.py`` as ``python tests/distributed/lightning_dpo_ddp_run.py
 OUT_DIR``: Lightning's ``strategy="ddp"`` re-launches this script for the second process. Every
 rank writes ``OUT_DIR/rank{r}.json``: its global rank, the steps it probed, whether it had a
 TensorBoard board, where it wrote and the final global step. ``--fail-rank R --fail-from-step S``
