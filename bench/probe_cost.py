@@ -135,7 +135,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="bench/results/probe_cost.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    # A tiny model gains nothing from more threads, and an oversubscribed OpenMP pool on a busy
+    # machine was seen to run 100x slower, swamping the ratios.
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     calls, probe = build_calls(args.preset, device)
     results = {}
