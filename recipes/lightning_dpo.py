@@ -1,109 +1,143 @@
 """DPO in a compact LightningModule with spinal-callback, offline, on a tiny model or a checkpoint.
 
-    python recipes/lightning_dpo.py                  # tiny Llama, synthetic task, ~300 steps
+    python recipes/lightning_dpo.py                  # tiny Llama, synthetic task, 300 steps
     python recipes/lightning_dpo.py --model PATH     # a local checkpoint (from_pretrained on PATH)
+    python recipes/lightning_dpo.py --no-spinal      # the same run without the callback
 
 ``DPOModule`` holds the policy at ``.model`` and a frozen copy at ``.reference`` (which
 ``SpinalCallback`` traces once as the baseline) and minimises the sigmoid DPO loss
 ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` on summed response-token log-probs.
+It logs ``train/loss``, ``rewards/accuracies`` and ``rewards/margins`` every step and the same
+on the held-out pairs as ``eval/loss``, ``eval/rewards/accuracies``, ``eval/rewards/margins``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from spinal_callback.integrations.lightning import SpinalCallback
 from spinal_callback.loading import load_local_model, load_local_tokenizer
-from spinal_callback.preference_data import tokenizer_corpus, train_eval_split
+from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
 from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+
+SIDES = ("chosen", "rejected")
+KEYS = ("ids", "attention", "response")
 
 
 def collate_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, Tensor]:
     """Tokenize prompt+chosen and prompt+rejected, right-padded, with response-token masks.
 
-    Returns int64 ``[b, t]`` tensors ``{chosen,rejected}_{ids,attention,response}``; the
-    response mask marks the reply tokens whose log-probs DPO sums.
+    Returns int64 ``[b, t]`` tensors ``{chosen,rejected}_{ids,attention,response}``, both sides
+    padded to one length ``t``; the response mask marks the reply tokens whose log-probs DPO sums.
     """
-    batch: dict[str, Tensor] = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for side in ("chosen", "rejected"):
-        sequences, responses = [], []
-        for row in rows:
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            reply = tokenizer(row[side], add_special_tokens=False)["input_ids"]
-            sequences.append(prompt + reply)
-            responses.append([0] * len(prompt) + [1] * len(reply))
-        length = max(len(s) for s in sequences)
+    sequences: dict[str, list[list[int]]] = {side: [] for side in SIDES}
+    prompt_lengths: list[int] = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        prompt_lengths.append(len(prompt))
+        for side in SIDES:
+            sequences[side].append(
+                prompt + tokenizer(row[side], add_special_tokens=False)["input_ids"]
+            )
+    length = max(len(s) for side in SIDES for s in sequences[side])
+    batch: dict[str, Tensor] = {}
+    for side in SIDES:
         ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
         attention = torch.zeros((len(rows), length), dtype=torch.int64)
         response = torch.zeros((len(rows), length), dtype=torch.int64)
-        for i, (sequence, mask) in enumerate(zip(sequences, responses)):
+        for i, (sequence, start) in enumerate(zip(sequences[side], prompt_lengths)):
             ids[i, : len(sequence)] = torch.tensor(sequence)
             attention[i, : len(sequence)] = 1
-            response[i, : len(sequence)] = torch.tensor(mask)
-        batch.update(
-            {f"{side}_ids": ids, f"{side}_attention": attention, f"{side}_response": response}
-        )
+            response[i, start : len(sequence)] = 1
+        batch.update(zip([f"{side}_{key}" for key in KEYS], (ids, attention, response)))
     return batch
 
 
 def response_logps(model: nn.Module, ids: Tensor, attention: Tensor, response: Tensor) -> Tensor:
-    """Summed log-probability (float32 ``[b]``) of the response tokens given everything before."""
+    """Summed log-probability (float32 ``[b]``, nats, <= 0) of the response tokens given
+    everything before them; ``ids``, ``attention``, ``response`` are ``[b, t]``."""
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (token_logps * response[:, 1:]).sum(dim=-1)
 
 
+def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """Sigmoid DPO on summed log-probs ``[2b]`` (chosen pairs first, then rejected).
+
+    Returns the scalar loss (``ln 2`` where policy and reference agree) and the ``[b]`` reward
+    margins ``beta * ((pi_c - ref_c) - (pi_r - ref_r))``.
+    """
+    rewards = beta * (policy - reference)
+    margins = rewards[: len(rewards) // 2] - rewards[len(rewards) // 2 :]
+    return -nn.functional.logsigmoid(margins).mean(), margins
+
+
 class DPOModule(pl.LightningModule):
-    """Sigmoid DPO: policy ``model``, frozen ``reference``, inverse temperature ``beta``."""
+    """Sigmoid DPO: policy ``model``, frozen ``reference`` (a copy unless given), ``beta``."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, beta: float = 0.1, learning_rate: float = 3e-3
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        beta: float = 0.2,
+        learning_rate: float = 3e-3,
+        reference: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.model = model
-        self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model = model.train()
+        reference = copy.deepcopy(model) if reference is None else reference
+        self.reference = reference.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.beta = beta
         self.learning_rate = learning_rate
 
-    def _rewards(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        rewards = []
-        for side in ("chosen", "rejected"):
-            args = (batch[f"{side}_ids"], batch[f"{side}_attention"], batch[f"{side}_response"])
-            with torch.no_grad():
-                reference = response_logps(self.reference, *args)
-            rewards.append(self.beta * (response_logps(self.model, *args) - reference))
-        return rewards[0], rewards[1]
+    def train(self, mode: bool = True) -> DPOModule:
+        """Switch the policy's mode; the reference stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    def _sequence_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Policy and reference log-probs ``[2b]``, chosen then rejected, in one forward each."""
+        args = [torch.cat([batch[f"{side}_{k}"] for side in SIDES]) for k in KEYS]
+        with torch.no_grad():
+            reference = response_logps(self.reference, *args)
+        return response_logps(self.model, *args), reference
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
-        chosen, rejected = self._rewards(batch)
-        loss = -nn.functional.logsigmoid(chosen - rejected).mean()
-        self.log(f"{prefix}loss", loss, prog_bar=True)
-        self.log(f"{prefix}rewards/accuracies", (chosen > rejected).float().mean(), prog_bar=True)
-        self.log(f"{prefix}rewards/margins", (chosen - rejected).mean())
+        loss, margins = dpo_loss(*self._sequence_logps(batch), self.beta)
+        metrics = {
+            f"{prefix or 'train/'}loss": loss,
+            f"{prefix}rewards/accuracies": (margins > 0).float().mean(),
+            f"{prefix}rewards/margins": margins.mean(),
+        }
+        self.log_dict(metrics, prog_bar=True, batch_size=len(margins))
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "eval_")
+        self._step(batch, "eval/")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate)
+        return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=0.0)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options; ``argv=None`` reads ``sys.argv``."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -112,42 +146,59 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--beta", type=float, default=0.2)
+    parser.add_argument("--eval-steps", type=int, default=50, help="held-out evaluation cadence")
     parser.add_argument("--every-n-steps", type=int, default=25, help="probe cadence")
     parser.add_argument("--no-spinal", action="store_true", help="train without the callback")
+    parser.add_argument("--accelerator", default="cpu", help='Lightning accelerator ("auto": GPU)')
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
 
 
+def build_policy(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The policy and its tokenizer: a local checkpoint, or a tiny Llama trained from scratch."""
+    if args.model:
+        return load_local_model(args.model), load_local_tokenizer(args.model)
+    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
+    model = build_tiny_model(
+        "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=args.seed
+    )
+    return model, tokenizer
+
+
+def spinal_callbacks(args: argparse.Namespace, probe_texts: list[str]) -> list[pl.Callback]:
+    """``[SpinalCallback]``, or ``[]`` with ``--no-spinal`` (then it is never imported)."""
+    if args.no_spinal:
+        return []
+    from spinal_callback.integrations.lightning import SpinalCallback
+
+    return [SpinalCallback(probe_texts=probe_texts, every_n_steps=args.every_n_steps)]
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
-    """Train; return the final logged metrics (train and held-out DPO accuracy and margin)."""
+    """Train; return the final logged metrics: the last step's ``train/loss``,
+    ``rewards/accuracies``, ``rewards/margins``, the last held-out evaluation's ``eval/...``,
+    and with the callback on the final trace's ``spinal/<summary>`` and ``spinal/alerts``."""
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
-    if args.model:
-        policy, tokenizer = load_local_model(args.model), load_local_tokenizer(args.model)
-    else:
-        tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=320)
-        policy = build_tiny_model(
-            "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=args.seed
-        )
+    policy, tokenizer = build_policy(args)
     train, held_out = train_eval_split(seed=args.seed)
     collate = partial(collate_pairs, tokenizer)
     train_loader = DataLoader(
         list(train), batch_size=args.batch_size, shuffle=True, collate_fn=collate
     )
     eval_loader = DataLoader(list(held_out), batch_size=64, collate_fn=collate)
-    callbacks: list[pl.Callback] = []
-    if not args.no_spinal:
-        callbacks.append(
-            SpinalCallback(probe_texts=held_out["prompt"][:32], every_n_steps=args.every_n_steps)
-        )
+    callbacks = spinal_callbacks(args, [row["prompt"] for row in held_out][:32])
     trainer = pl.Trainer(
-        accelerator="auto",
+        accelerator=args.accelerator,
         devices=1,
         max_steps=args.steps,
-        val_check_interval=50,
-        log_every_n_steps=25,
+        gradient_clip_val=1.0,  # as the HF Trainer under TRL does
+        val_check_interval=args.eval_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=5,
         default_root_dir=args.output_dir,
         logger=pl.loggers.TensorBoardLogger(args.output_dir, name="tb"),
         callbacks=callbacks,
@@ -155,22 +206,44 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(
-        DPOModule(policy, tokenizer, args.beta, args.learning_rate), train_loader, eval_loader
+    module = DPOModule(policy, tokenizer, args.beta, args.learning_rate)
+    with warnings.catch_warnings():
+        # The frozen reference is in eval mode on purpose; Lightning warns about any such module.
+        warnings.filterwarnings(
+            "ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning
+        )
+        trainer.fit(module, train_loader, eval_loader)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    for callback in callbacks:
+        if callback.traces:
+            final = callback.traces[-1].summary
+            metrics.update({f"spinal/{name}": value for name, value in final.items()})
+        metrics["spinal/alerts"] = float(len(callback.session.alerts))
+    return metrics
+
+
+def summary(metrics: dict[str, float], steps: int) -> str:
+    """One paragraph on the final DPO metrics, for the end of a run."""
+    keys = ("loss", "rewards/accuracies", "rewards/margins")
+    loss, accuracy, margin = (metrics.get(k, math.nan) for k in ("train/loss", *keys[1:]))
+    eval_loss, eval_accuracy, eval_margin = (metrics.get(f"eval/{k}", math.nan) for k in keys)
+    return (
+        f"After {steps} steps the DPO loss is {loss:.3f} on the last batch ({math.log(2):.3f} = "
+        f"ln 2 at the start), with rewards/accuracies {accuracy:.3f} (margin {margin:.2f}); "
+        f"held-out rewards/accuracies {eval_accuracy:.3f} (margin {eval_margin:.2f}, "
+        f"loss {eval_loss:.3f})."
     )
-    return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the recipe and print the TensorBoard command and a summary; returns the exit code."""
     args = parse_args(argv)
     metrics = run(args)
     print(f"\nTensorBoard: tensorboard --logdir {args.output_dir}/tb")
-    nan = float("nan")
-    print(
-        f"after {args.steps} steps: train rewards/accuracies "
-        f"{metrics.get('rewards/accuracies', nan):.3f}, "
-        f"held-out {metrics.get('eval_rewards/accuracies', nan):.3f}"
-    )
+    print(summary(metrics, args.steps))
+    spinal = {k.removeprefix("spinal/"): v for k, v in metrics.items() if k.startswith("spinal/")}
+    if spinal:
+        print("Final depth trace: " + ", ".join(f"{k} {v:.3f}" for k, v in spinal.items()))
     return 0
 
 
