@@ -27,6 +27,11 @@ from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
 STATE_VERSION = 1
+_LOG_LEVELS = {
+    AlertLevel.INFO: logging.INFO,
+    AlertLevel.WARNING: logging.WARNING,
+    AlertLevel.CRITICAL: logging.ERROR,
+}
 AlertHook = Callable[[Alert], None]
 
 
@@ -174,7 +179,13 @@ class ProbeSession:
             self.stop_requested = True
         if self.event_log is not None:
             self.event_log.append(alert)
-        logger.warning("spinal-callback step %d [%s] %s", alert.step, alert.level, alert.message)
+        logger.log(
+            _LOG_LEVELS[alert.severity],
+            "spinal-callback step %d [%s] %s",
+            alert.step,
+            alert.level,
+            alert.message,
+        )
         if self.board is not None:
             self.board.write_alert_text(alert)
         if self.on_alert is not None:
