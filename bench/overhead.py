@@ -31,6 +31,32 @@ from spinal_callback.preference_data import make_preference_pairs, tokenizer_cor
 from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
 
 
+class TimedSpinalCallback(SpinalTrainerCallback):
+    """The callback with the wall time spent in its hooks added up, to separate its own cost
+    from run-to-run noise in steps/s."""
+
+    seconds = 0.0
+
+    def _timed(self, hook: str, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return getattr(super(), hook)(*args, **kwargs)
+        finally:
+            TimedSpinalCallback.seconds += time.perf_counter() - started
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed("on_train_begin", *args, **kwargs)
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed("on_step_end", *args, **kwargs)
+
+    def on_log(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed("on_log", *args, **kwargs)
+
+    def on_train_end(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed("on_train_end", *args, **kwargs)
+
+
 class PeakResidentMemory:
     """Samples this process's resident set size in a thread; ``peak_mib`` above the start."""
 
@@ -86,7 +112,8 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     policy = build_models(args.preset, args.device, len(tokenizer))
     reference = copy.deepcopy(policy)
     pairs = Dataset.from_list(make_preference_pairs(args.steps * args.batch_size, seed=0))
-    callbacks = [SpinalTrainerCallback()] if with_spinal else []
+    callbacks = [TimedSpinalCallback()] if with_spinal else []
+    TimedSpinalCallback.seconds = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
             output_dir=output_dir,
@@ -119,7 +146,12 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
             torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else memory.peak_mib
         )
     probes = len(callbacks[0].traces) if callbacks else 0
-    return {"steps_per_second": args.steps / seconds, "peak_mib": peak, "probes": probes}
+    return {
+        "steps_per_second": args.steps / seconds,
+        "peak_mib": peak,
+        "probes": probes,
+        "callback_share": TimedSpinalCallback.seconds / seconds if callbacks else 0.0,
+    }
 
 
 def main() -> None:
@@ -146,6 +178,7 @@ def main() -> None:
             "steps_per_second": statistics.median(r["steps_per_second"] for r in results),
             "peak_mib": statistics.median(r["peak_mib"] for r in results),
             "probes": results[0]["probes"],
+            "callback_share": statistics.median(r["callback_share"] for r in results),
         }
         for label, results in runs.items()
     }
@@ -165,7 +198,8 @@ def main() -> None:
         print(
             f"{label:10}{result['steps_per_second']:10.2f}{result['peak_mib']:10.1f}{result['probes']:8d}"
         )
-    print(f"slowdown {slowdown:+.2%}, extra peak memory {memory:+.2%}")
+    print(f"slowdown {slowdown:+.2%} (median steps/s), extra peak memory {memory:+.2%}")
+    print(f"time inside the callback's hooks: {summary['with']['callback_share']:.2%} of the run")
     output = Path(args.out)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(

@@ -19,10 +19,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank.
 

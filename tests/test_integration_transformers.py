@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,29 +15,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallba
 
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.preference_data import WORDS, make_preference_pairs
 from spinal_callback.probe import SpinalProbe
 from spinal_callback.tensorboard import trace_scalars
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
-
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]
-
-
-def preference_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        prompt = [rng.choice(WORDS) for _ in range(3)]
-        other = rng.choice([w for w in WORDS if w != prompt[-1]])
-        rows.append(
-            {
-                "prompt": "say: " + " ".join(prompt),
-                "chosen": " " + prompt[-1],
-                "rejected": " " + other,
-            }
-        )
-    return rows
 
 
 @pytest.fixture
@@ -73,7 +55,7 @@ def make_trainer(
             model=policy,
             ref_model=ref_model,
             args=args,
-            train_dataset=datasets.Dataset.from_list(preference_rows(64)),
+            train_dataset=datasets.Dataset.from_list(make_preference_pairs(64)),
             processing_class=tokenizer if processing_class == "default" else processing_class,
             callbacks=[*(extra_callbacks or []), callback],
             peft_config=peft_config,
