@@ -27,12 +27,13 @@ test: lint
 	$(BIN)/pytest
 
 demo: install
-	$(BIN)/python recipes/trl_dpo.py --output-dir runs/demo
+	$(BIN)/python -m recipes.trl_dpo --output-dir runs/demo
 
+# The benches import the recipes (not installed): run them with the repository on the path.
 bench: install
-	$(BIN)/python bench/probe_cost.py
-	$(BIN)/python bench/overhead.py
-	$(BIN)/python bench/early_warning.py
+	PYTHONPATH=. $(BIN)/python bench/probe_cost.py
+	PYTHONPATH=. $(BIN)/python bench/overhead.py
+	PYTHONPATH=. $(BIN)/python bench/early_warning.py
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -28,7 +28,7 @@ import torch
 
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.preference_data import make_preference_pairs, tokenizer_corpus
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer, llama_1b_config
 
 
 class TimedSpinalCallback(SpinalTrainerCallback):
@@ -90,17 +90,9 @@ class PeakResidentMemory:
 def build_models(preset: str, device: str, vocab_size: int) -> torch.nn.Module:
     if preset == "tiny":
         return build_tiny_model("llama", vocab_size=vocab_size, hidden=64, layers=8)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    )
+    config = llama_1b_config(vocab_size)
     return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
 
 

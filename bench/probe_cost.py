@@ -22,10 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.tiny import (
+    DEFAULT_PROBE_TEXTS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    llama_1b_config,
+)
 
 
 def tiny_setup(device: torch.device) -> tuple[torch.nn.Module, ProbeBatch, SpinalConfig]:
@@ -36,17 +41,7 @@ def tiny_setup(device: torch.device) -> tuple[torch.nn.Module, ProbeBatch, Spina
 
 
 def llama_1b_setup(device: torch.device) -> tuple[torch.nn.Module, ProbeBatch, SpinalConfig]:
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-    )
+    config = llama_1b_config()
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(0)

@@ -1,8 +1,8 @@
 """DPO in a compact LightningModule with spinal-callback, offline, on a tiny model or a checkpoint.
 
-    python recipes/lightning_dpo.py                  # tiny Llama, synthetic task, 300 steps
-    python recipes/lightning_dpo.py --model PATH     # a local checkpoint (from_pretrained on PATH)
-    python recipes/lightning_dpo.py --no-spinal      # the same run without the callback
+    python -m recipes.lightning_dpo                  # tiny Llama, synthetic task, 300 steps
+    python -m recipes.lightning_dpo --model PATH     # a local checkpoint (from_pretrained on PATH)
+    python -m recipes.lightning_dpo --no-spinal      # the same run without the callback
 
 ``DPOModule`` holds the policy at ``.model`` and a frozen copy at ``.reference`` (which
 ``SpinalCallback`` traces once as the baseline) and minimises the sigmoid DPO loss
@@ -27,9 +27,8 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from spinal_callback.loading import load_local_model, load_local_tokenizer
-from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from recipes.common import build_policy, training_arguments
+from spinal_callback.preference_data import train_eval_split
 
 SIDES = ("chosen", "rejected")
 KEYS = ("ids", "attention", "response")
@@ -138,33 +137,9 @@ class DPOModule(pl.LightningModule):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``argv=None`` reads ``sys.argv``."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", help="local checkpoint directory (default: a tiny random Llama)")
-    parser.add_argument("--output-dir", default="runs/lightning_dpo")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--beta", type=float, default=0.2)
-    parser.add_argument("--eval-steps", type=int, default=50, help="held-out evaluation cadence")
-    parser.add_argument("--every-n-steps", type=int, default=25, help="probe cadence")
-    parser.add_argument("--no-spinal", action="store_true", help="train without the callback")
+    parser = training_arguments(__doc__, "runs/lightning_dpo")
     parser.add_argument("--accelerator", default="cpu", help='Lightning accelerator ("auto": GPU)')
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
-
-
-def build_policy(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The policy and its tokenizer: a local checkpoint, or a tiny Llama trained from scratch."""
-    if args.model:
-        return load_local_model(args.model), load_local_tokenizer(args.model)
-    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
-    model = build_tiny_model(
-        "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=args.seed
-    )
-    return model, tokenizer
 
 
 def spinal_callbacks(args: argparse.Namespace, probe_texts: list[str]) -> list[pl.Callback]:

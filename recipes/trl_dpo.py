@@ -1,9 +1,9 @@
 """DPO with TRL's DPOTrainer and spinal-callback, offline, on a tiny model or a local checkpoint.
 
-    python recipes/trl_dpo.py                        # tiny Llama, synthetic task, 300 steps
-    python recipes/trl_dpo.py --lora                 # LoRA policy; reference = adapters disabled
-    python recipes/trl_dpo.py --model PATH           # a local checkpoint (from_pretrained on PATH)
-    python recipes/trl_dpo.py --no-spinal            # the same run without the callback
+    python -m recipes.trl_dpo                        # tiny Llama, synthetic task, 300 steps
+    python -m recipes.trl_dpo --lora                 # LoRA policy; reference = adapters disabled
+    python -m recipes.trl_dpo --model PATH           # a local checkpoint (from_pretrained on PATH)
+    python -m recipes.trl_dpo --no-spinal            # the same run without the callback
 
 The synthetic task (``spinal_callback.preference_data``): the chosen reply repeats the prompt's
 last word. A random-initialised 4-block Llama learns it from DPO alone: train and held-out
@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from spinal_callback.loading import load_local_model, load_local_tokenizer
-from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from recipes.common import build_policy, training_arguments
+from spinal_callback.preference_data import train_eval_split
 
 SUMMARY_KEYS = (
     "loss",
@@ -37,35 +36,9 @@ SUMMARY_KEYS = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``argv=None`` reads ``sys.argv``."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", help="local checkpoint directory (default: a tiny random Llama)")
-    parser.add_argument("--output-dir", default="runs/trl_dpo")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--beta", type=float, default=0.2)
-    parser.add_argument("--eval-steps", type=int, default=50, help="held-out evaluation cadence")
-    parser.add_argument("--every-n-steps", type=int, default=25, help="probe cadence")
+    parser = training_arguments(__doc__, "runs/trl_dpo")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (PEFT)")
-    parser.add_argument("--no-spinal", action="store_true", help="train without the callback")
-    parser.add_argument("--seed", type=int, default=0)
-    # One thread: the tiny model's matrices are too small to split, and on a busy machine two
-    # OpenMP threads waiting on each other made every step over twenty times slower.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
-
-
-def build_policy(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The policy and its tokenizer: a local checkpoint, or a tiny Llama trained from scratch."""
-    if args.model:
-        return load_local_model(args.model), load_local_tokenizer(args.model)
-    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
-    model = build_tiny_model(
-        "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=args.seed
-    )
-    return model, tokenizer
 
 
 def dpo_config(args: argparse.Namespace) -> Any:

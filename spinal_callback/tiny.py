@@ -165,3 +165,18 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
+
+
+def llama_1b_config(vocab_size: int = 128256) -> LlamaConfig:
+    """A Llama-3.2-1B-shaped config (16 blocks, width 2048, tied embeddings) for benchmarks;
+    random-initialise it, there are no weights to download."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
