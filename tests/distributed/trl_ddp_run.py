@@ -105,6 +105,11 @@ def main() -> None:
         "global_step": trainer.state.global_step,
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    # An orderly teardown: leaving the gloo group alive at interpreter exit was seen to abort one
+    # rank ("terminate called without an active exception") after a successful run.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
