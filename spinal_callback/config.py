@@ -46,11 +46,24 @@ class SpinalConfig:
         stop_on: ``"critical"``, ``"warning"`` or ``None`` (never stop).
         event_log: path of the JSONL event log (``None``: ``<log_dir>/spinal_events.jsonl``).
         image_every: write the depth-trace heatmap every this many probes.
-        monitored: ramp summaries the monitor watches (``None``: all six).
+        monitored: ramp summaries the robust-z and CUSUM rules watch (``None``: all but
+            ``lens_entropy``, whose collapse is part of healthy learning: in the benchmark it
+            raised warnings on every stable run).
         z_info, z_warning, z_critical: robust z-score thresholds of a summary's step-to-step
-            change (in MAD-sigmas of the run's earlier changes).
-        cusum_drift, cusum_threshold: CUSUM slack per probe and warning level, in units of the
+            change (in MAD-sigmas of the run's earlier changes). ``z_critical=None`` (default):
+            a change alone is never critical; in the benchmark every robust-z warning or
+            critical came from a stable run.
+        cusum_drift, cusum_threshold: CUSUM slack per probe and info level, in units of the
             level noise.
+        ramp_drop_warning, ramp_drop_critical: how far (tail exponent per unit depth) the
+            contraction slope may fall below the highest value it reached in this run before a
+            ``ramp_reversal`` warning / critical alert (after ``patience`` probes); ``None``
+            turns a level off.
+        loss_window, loss_spike_z: the ``loss_spike`` rule on the trainer's logged loss: a loss
+            more than ``loss_spike_z`` robust sigmas above the median of the previous
+            ``loss_window`` logged values is info at once and critical after ``patience``
+            consecutive logs; ``loss_spike_z=None`` turns it off (a non-finite loss is always
+            critical).
     """
 
     late_layers: list[int] | None = None
@@ -75,10 +88,14 @@ class SpinalConfig:
     image_every: int = 10
     monitored: list[str] | None = None
     z_info: float = 4.0
-    z_warning: float = 6.0
-    z_critical: float = 10.0
+    z_warning: float = 8.0
+    z_critical: float | None = None
     cusum_drift: float = 2.0
     cusum_threshold: float = 40.0
+    ramp_drop_warning: float | None = 0.4
+    ramp_drop_critical: float | None = 0.5
+    loss_window: int = 20
+    loss_spike_z: float | None = 6.0
 
     def __post_init__(self) -> None:
         if self.late_layers is not None:
@@ -98,15 +115,29 @@ class SpinalConfig:
             _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
         if self.stop_on is not None:
             _check_choice("stop_on", self.stop_on, STOP_LEVELS)
-        if not 0 < self.z_info <= self.z_warning <= self.z_critical:
+        critical = self.z_warning if self.z_critical is None else self.z_critical
+        if not 0 < self.z_info <= self.z_warning <= critical:
             raise ValueError(
-                f"SpinalConfig needs 0 < z_info <= z_warning <= z_critical, got {self.z_info}, "
-                f"{self.z_warning}, {self.z_critical}"
+                "SpinalConfig needs 0 < z_info <= z_warning <= z_critical (z_critical may be "
+                f"None), got {self.z_info}, {self.z_warning}, {self.z_critical}"
             )
         if self.cusum_drift < 0 or self.cusum_threshold <= 0:
             raise ValueError(
                 f"SpinalConfig needs cusum_drift >= 0 and cusum_threshold > 0, got "
                 f"{self.cusum_drift} and {self.cusum_threshold}"
+            )
+        warning, critical = self.ramp_drop_warning, self.ramp_drop_critical
+        if any(v is not None and not v > 0 for v in (warning, critical)) or (
+            warning is not None and critical is not None and critical < warning
+        ):
+            raise ValueError(
+                "SpinalConfig needs 0 < ramp_drop_warning <= ramp_drop_critical (either may be "
+                f"None to turn it off), got {warning} and {critical}"
+            )
+        _check_int("loss_window", self.loss_window, minimum=3)
+        if self.loss_spike_z is not None and not self.loss_spike_z > 0:
+            raise ValueError(
+                f"SpinalConfig.loss_spike_z must be > 0 or None, got {self.loss_spike_z!r}"
             )
         if self.monitored is not None:
             unknown = sorted(set(self.monitored) - set(RAMP_SUMMARY_NAMES))

@@ -4,20 +4,35 @@ Rules, per ramp summary:
     non_finite   any NaN/inf in a trace: critical at once (no warm-up, no patience).
     robust_z     robust z-score of the step-to-step change against the median/MAD of all earlier
                  changes; ``z_info`` raises info at once, ``z_warning`` / ``z_critical`` raise
-                 warning / critical after ``patience`` consecutive probes over the threshold.
+                 warning / critical after ``patience`` consecutive probes over the threshold
+                 (``z_critical`` is off by default: in the benchmark this rule fired only on
+                 stable runs).
     cusum        two-sided CUSUM of the level against the early run's median, in units of the
                  level noise, with slack ``cusum_drift`` per probe: slow persistent drift. It
                  raises info over ``cusum_threshold`` and restarts. Drift alone is never more than
                  info: in the benchmark (bench/early_warning.py) healthy DPO runs drift their
                  lens entropy and transport as steadily as failing ones.
-Nothing but non_finite fires during the first ``warmup_probes`` probes.
+    ramp_reversal
+                 the contraction slope (the late-layer ramp) has fallen more than
+                 ``ramp_drop_warning`` / ``ramp_drop_critical`` below the highest value it reached
+                 in this run, for ``patience`` probes. Healthy DPO raises the slope; runs that
+                 diverge flatten or reverse it (bench/early_warning.py). Active from the second
+                 trace: it compares levels, so it needs no noise estimate.
+Nothing but non_finite and ramp_reversal fires during the first ``warmup_probes`` probes.
+
+From the trainer's logs (``update_logs``):
+    non_finite   a NaN/inf loss: critical at once.
+    loss_spike   the loss ``loss_spike_z`` robust sigmas above the median of the previous
+                 ``loss_window`` logged values: info at once, critical after ``patience``
+                 consecutive logs (a lone bad batch is not a trend; a preference signal that
+                 turned against the model keeps the loss up).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from itertools import pairwise
 from typing import Any
@@ -30,12 +45,21 @@ from spinal_callback.trace import DepthTrace
 MAD_TO_SIGMA = 1.4826
 MIN_CHANGES = 8
 """Fewer earlier changes than this give too noisy a MAD to score a new change against."""
+LOSS_KEYS = ("loss", "train/loss", "train_loss", "train_loss_step", "loss_step")
+"""Names the training loss is logged under (HF/TRL first, then common Lightning names)."""
+NON_FINITE_WATCHED = ("loss", "rewards/", "logps/")
+"""Logged keys containing one of these must stay finite."""
+LOSS_NOISE_FLOOR = 0.01
+"""Robust sigma floor of the logged loss, in nats: a converged DPO loss sits near 0 with a MAD
+near 0, and moves of a hundredth of a nat are not spikes."""
 
 
 class Rule(str, Enum):
     NON_FINITE = "non_finite"
     ROBUST_Z = "robust_z"
     CUSUM = "cusum"
+    RAMP_REVERSAL = "ramp_reversal"
+    LOSS_SPIKE = "loss_spike"
 
 
 ADVICE = {
@@ -46,6 +70,9 @@ ADVICE = {
     "tortuosity": "the lens path through the late layers is winding",
     "lens_entropy": "the output distribution's entropy is moving fast",
 }
+RAMP_SLOPE = "contraction_slope"
+DEFAULT_MONITORED = tuple(name for name in RAMP_SUMMARY_NAMES if name != "lens_entropy")
+"""Lens entropy is charted but not scored by default: it collapses as a healthy run learns."""
 
 
 class RampMonitor:
@@ -61,10 +88,12 @@ class RampMonitor:
 
     def __init__(self, config: SpinalConfig | None = None) -> None:
         self.config = config or SpinalConfig()
-        self.metrics: tuple[str, ...] = tuple(self.config.monitored or RAMP_SUMMARY_NAMES)
+        self.metrics: tuple[str, ...] = tuple(self.config.monitored or DEFAULT_MONITORED)
         self.history: dict[str, list[float]] = {name: [] for name in self.metrics}
         self.cusum: dict[str, list[float]] = {name: [0.0, 0.0] for name in self.metrics}
         self.streak: dict[str, int] = {}
+        self.ramp_peak: float | None = None
+        self.losses: list[float] = []
 
     @property
     def probes_seen(self) -> int:
@@ -75,7 +104,7 @@ class RampMonitor:
         if not trace.is_finite:
             self._record(trace)
             return [self._non_finite_alert(trace)]
-        alerts: list[Alert] = []
+        alerts = self._score_ramp(trace.step, trace.summary[RAMP_SLOPE])
         for name in self.metrics:
             value = trace.summary[name]
             history = self.history[name]
@@ -84,11 +113,59 @@ class RampMonitor:
             history.append(value)
         return alerts
 
+    def update_logs(self, step: int, logs: Mapping[str, Any]) -> list[Alert]:
+        """Score one set of the trainer's logged scalars.
+
+        A non-finite value under a loss, ``rewards/`` or ``logps/`` key is critical (HF filters
+        NaN losses out of its logged loss by default, but TRL's reward logs keep them). The
+        ``loss_spike`` rule scores the loss found under the first of ``LOSS_KEYS``; logs without
+        one (evaluation, end-of-training summaries) add nothing to its window.
+        """
+        broken = {
+            key: float(value)
+            for key, value in logs.items()
+            if any(part in key for part in NON_FINITE_WATCHED) and not math.isfinite(float(value))
+        }
+        if broken:
+            return [self._non_finite_loss_alert(step, broken)]
+        loss = next((float(logs[key]) for key in LOSS_KEYS if key in logs), None)
+        if loss is None:
+            return []
+        window, self.losses = self.losses, [*self.losses, loss][-self.config.loss_window :]
+        z_limit = self.config.loss_spike_z
+        if z_limit is None or len(window) < self.config.loss_window:
+            return []
+        median = statistics.median(window)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(x - median) for x in window)
+        z = (loss - median) / max(sigma, LOSS_NOISE_FLOOR)
+        candidate = AlertLevel.CRITICAL if z >= z_limit else None
+        level = self._with_patience(f"loss/{Rule.LOSS_SPIKE.value}", candidate, 1.0)
+        if level is None:
+            return []
+        return [
+            Alert(
+                step=step,
+                level=level.name.lower(),
+                rule=Rule.LOSS_SPIKE.value,
+                metric="train/loss",
+                value=z,
+                threshold=z_limit,
+                message=(
+                    f"training loss {loss:.4g} is {z:.1f} robust sigmas above the median "
+                    f"{median:.4g} of the last {len(window)} logs: the preference signal turned "
+                    "against the model (label noise or flipped pairs) or the step size is too "
+                    "large; check the data and lower the learning rate"
+                ),
+            )
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": {name: list(values) for name, values in self.history.items()},
             "cusum": {name: list(values) for name, values in self.cusum.items()},
             "streak": dict(self.streak),
+            "ramp_peak": self.ramp_peak,
+            "losses": list(self.losses),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,12 +177,53 @@ class RampMonitor:
         self.history = {name: [float(v) for v in state["history"][name]] for name in self.metrics}
         self.cusum = {name: [float(v) for v in state["cusum"][name]] for name in self.metrics}
         self.streak = {key: int(value) for key, value in state["streak"].items()}
+        peak = state.get("ramp_peak")
+        self.ramp_peak = None if peak is None else float(peak)
+        self.losses = [float(v) for v in state.get("losses", [])]
 
     def _record(self, trace: DepthTrace) -> None:
         for name in self.metrics:
             value = trace.summary[name]
             if math.isfinite(value):
                 self.history[name].append(value)
+
+    def _score_ramp(self, step: int, slope: float) -> list[Alert]:
+        """``ramp_reversal``: the contraction slope's fall below its running peak."""
+        peak = self.ramp_peak
+        self.ramp_peak = slope if peak is None else max(peak, slope)
+        if peak is None:
+            return []
+        drop = self.ramp_peak - slope
+        crossed = [
+            (level, threshold)
+            for level, threshold in (
+                (AlertLevel.CRITICAL, self.config.ramp_drop_critical),
+                (AlertLevel.WARNING, self.config.ramp_drop_warning),
+            )
+            if threshold is not None and drop >= threshold
+        ]
+        if not crossed:
+            self._with_patience(f"{RAMP_SLOPE}/{Rule.RAMP_REVERSAL.value}", None, -1.0)
+            return []
+        candidate, threshold = crossed[0]
+        level = self._with_patience(f"{RAMP_SLOPE}/{Rule.RAMP_REVERSAL.value}", candidate, -1.0)
+        assert level is not None
+        return [
+            Alert(
+                step=step,
+                level=level.name.lower(),
+                rule=Rule.RAMP_REVERSAL.value,
+                metric=f"spinal/ramp/{RAMP_SLOPE}",
+                value=drop,
+                threshold=float(threshold),
+                message=(
+                    f"the late-layer ramp reversed: contraction slope {slope:+.2f} is {drop:.2f} "
+                    f"below this run's peak {self.ramp_peak:+.2f}; the updates are tearing the "
+                    "late layers apart (learning rate too high is the usual cause): lower the "
+                    "learning rate or resume from an earlier checkpoint"
+                ),
+            )
+        ]
 
     def _score(self, step: int, name: str, value: float, history: list[float]) -> list[Alert]:
         config = self.config
@@ -117,6 +235,7 @@ class RampMonitor:
         level = self._with_patience(f"{name}/{Rule.ROBUST_Z.value}", z_level, z)
         if level is not None:
             threshold = {1: config.z_info, 2: config.z_warning, 3: config.z_critical}[int(level)]
+            assert threshold is not None
             alerts.append(self._alert(step, level, Rule.ROBUST_Z, name, z, threshold))
         # Level drift against the early run, in units of the level noise (change scale / sqrt 2):
         # slow, persistent moves that no single change gives away accumulate here.
@@ -171,6 +290,22 @@ class RampMonitor:
             message=message,
         )
 
+    def _non_finite_loss_alert(self, step: int, broken: dict[str, float]) -> Alert:
+        name, value = next(iter(broken.items()))
+        return Alert(
+            step=step,
+            level="critical",
+            rule=Rule.NON_FINITE.value,
+            metric=name,
+            value=value,
+            threshold=float("nan"),
+            message=(
+                f"non-finite training logs {broken}: the weights or the loss scale overflowed; "
+                "stop, lower the learning rate or loss scale, and resume from the last finite "
+                "checkpoint"
+            ),
+        )
+
     def _non_finite_alert(self, trace: DepthTrace) -> Alert:
         bad = [n for n, v in trace.summary.items() if not math.isfinite(v)]
         layers = [
@@ -203,8 +338,10 @@ def _robust_scale(changes: Sequence[float], levels: Sequence[float]) -> float:
     return max(MAD_TO_SIGMA * mad, 0.5 * statistics.pstdev(changes), floor)
 
 
-def _level(score: float, info: float, warning: float, critical: float) -> AlertLevel | None:
-    if score >= critical:
+def _level(
+    score: float, info: float, warning: float, critical: float | None
+) -> AlertLevel | None:
+    if critical is not None and score >= critical:
         return AlertLevel.CRITICAL
     if score >= warning:
         return AlertLevel.WARNING

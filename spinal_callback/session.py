@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +155,23 @@ class ProbeSession:
             self.board.flush()
         return trace
 
+    def observe_logs(self, step: int, logs: Mapping[str, Any]) -> list[Alert]:
+        """Score the trainer's logged scalars (loss, DPO rewards) and raise what they trigger.
+
+        Call it on every rank at the same steps (every logging step), then ``decide_stop``.
+        """
+        scalars = {key: value for key, value in logs.items() if isinstance(value, (int, float))}
+        alerts = self.monitor.update_logs(step, scalars)
+        if alerts and self.board is not None:
+            self.board.write_alerts(step, alerts)
+            self.board.flush()
+        for alert in alerts:
+            self.raise_alert(alert)
+        return alerts
+
     def decide_stop(self) -> bool:
         """True on every rank if any rank asked to stop; a collective: call it on all ranks at
-        the same steps (every probe step)."""
+        the same steps (every probe step and every logging step)."""
         return distributed.any_rank(self.stop_requested)
 
     def finish(self) -> None:

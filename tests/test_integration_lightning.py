@@ -243,3 +243,38 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
     assert [(a.step, a.level, a.rule) for a in alerts] == [(4, "critical", "non_finite")]
     events = (Path(trainer.logger.log_dir) / "spinal_events.jsonl").read_text().splitlines()
     assert len(events) == 1
+
+
+class LossJumpsAt(TinyDPOModule):
+    """Logs a steady ``train/loss`` that jumps to 5.0 from optimizer step ``step`` on."""
+
+    def __init__(self, *args: Any, step: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.jump_step = step
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        jumped = self.global_step + 1 >= self.jump_step
+        self.log("train/loss", 5.0 if jumped else 0.5 + 0.01 * (batch_idx % 3))
+        return loss
+
+
+def test_a_sustained_loss_spike_in_the_logged_metrics_stops_training(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    probe_texts: list[str],
+) -> None:
+    module = LossJumpsAt(make_model("llama", layers=4), tokenizer, step=8)
+    alerts: list[Any] = []
+    callback = SpinalCallback(
+        probe_texts=probe_texts, every_n_steps=100, loss_window=5, on_alert=alerts.append
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=16, enable_checkpointing=False)
+    trainer.fit(module, pair_batches())
+    assert [(a.step, a.level, a.rule) for a in alerts] == [
+        (8, "info", "loss_spike"),
+        (9, "critical", "loss_spike"),
+    ]
+    assert trainer.global_step == 9
+    assert (tmp_path / "checkpoints" / "spinal-stop-step=9.ckpt").is_file()

@@ -294,12 +294,29 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
     trainer.train()
     assert trainer.state.global_step == 4
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
-    assert [(a.step, a.level, a.rule) for a in alerts] == [(4, "critical", "non_finite")]
+    # The probe at step 4 sees it first, then the step's logs (TRL's NaN rewards) confirm it.
+    assert [(a.step, a.level, a.rule, a.metric) for a in alerts] == [
+        (4, "critical", "non_finite", "spinal/ramp/contraction_slope"),
+        (4, "critical", "non_finite", "rewards/chosen"),
+    ]
     log_dir = tmp_path / "run" / "runs" / "spinal"
     lines = (log_dir / "spinal_events.jsonl").read_text().splitlines()
-    assert [json.loads(line)["rule"] for line in lines] == ["non_finite"]
+    assert [json.loads(line)["metric"] for line in lines] == [a.metric for a in alerts]
     levels = {e.step: e.value for e in read_scalars(log_dir).Scalars("spinal/alert_level")}
     assert levels[4] == 3.0 and levels[2] == 0.0
+
+
+def test_non_finite_training_logs_stop_the_run_between_probes(
+    make_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    alerts: list[Any] = []
+    callback = SpinalTrainerCallback(every_n_steps=100, on_alert=alerts.append)
+    trainer = make_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
+    trainer.train()
+    assert trainer.state.global_step == 4  # the first logging step after the overflow
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    assert [(a.step, a.level, a.rule) for a in alerts][:1] == [(4, "critical", "non_finite")]
+    assert alerts[0].metric.startswith("rewards/")
 
 
 def test_stop_on_none_only_warns(make_trainer: Callable[..., Any]) -> None:

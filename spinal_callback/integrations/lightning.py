@@ -10,10 +10,11 @@ train end) and where to write (the trainer's ``TensorBoardLogger`` when it has o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
@@ -63,6 +64,7 @@ class SpinalCallback(pl.Callback):
         self.log_dir = log_dir
         self.session = ProbeSession(self.config, probe_texts, on_alert)
         self._own_writer: Any = None
+        self._last_logs_step = -1
 
     @property
     def traces(self) -> list[Any]:
@@ -104,8 +106,16 @@ class SpinalCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.session.is_due(trainer.global_step):
-            self._probe(trainer, pl_module, trainer.global_step)
+        step = trainer.global_step
+        probe_due = self.session.is_due(step)
+        log_due = step != self._last_logs_step and step % _log_cadence(trainer, self.config) == 0
+        if probe_due:
+            self._probe(trainer, pl_module, step)
+        if log_due:
+            self._last_logs_step = step
+            self.session.observe_logs(step, _scalars(trainer.callback_metrics))
+        if probe_due or log_due:
+            self._stop_if_asked(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self.session
@@ -113,6 +123,7 @@ class SpinalCallback(pl.Callback):
         # collective.
         if session.last_probe_step != trainer.global_step:
             self._probe(trainer, pl_module, trainer.global_step)
+            self._stop_if_asked(trainer, trainer.global_step)
         session.finish()
         if self._own_writer is not None:
             self._own_writer.close()
@@ -125,14 +136,17 @@ class SpinalCallback(pl.Callback):
         self.session.load_state_dict(state_dict)
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Probe, feed non-TensorBoard loggers, and stop (after a checkpoint) on an alert at
-        or above ``stop_on`` on any rank."""
+        """Probe and feed the non-TensorBoard loggers."""
         trace = self.session.probe_at(self._policy(pl_module), step)
         logs = self.session.pop_pending_logs()
         if trace is not None and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if not isinstance(logger, TensorBoardLogger):
                     logger.log_metrics(logs, step=step)
+
+    def _stop_if_asked(self, trainer: pl.Trainer, step: int) -> None:
+        """Save a checkpoint and stop if any rank's alerts reached ``stop_on`` (a collective:
+        every rank calls it at the same steps)."""
         if self.session.decide_stop() and not trainer.should_stop:
             trainer.save_checkpoint(
                 os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
@@ -169,6 +183,24 @@ class SpinalCallback(pl.Callback):
         log_dir = self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
         self._own_writer = SummaryWriter(log_dir)
         return self._own_writer, log_dir
+
+
+def _log_cadence(trainer: pl.Trainer, config: SpinalConfig) -> int:
+    """Steps between reads of the logged metrics: the trainer's ``log_every_n_steps``, or the
+    probe cadence where logging is off."""
+    every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+    return every if every > 0 else config.every_n_steps
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The one-element tensors and numbers among Lightning's ``callback_metrics``."""
+    scalars = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            scalars[key] = float(value.detach().float().cpu())
+        elif isinstance(value, (int, float)):
+            scalars[key] = float(value)
+    return scalars
 
 
 def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

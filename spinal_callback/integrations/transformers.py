@@ -118,8 +118,11 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if logs is not None:
-            logs.update(self.session.pop_pending_logs())
+        if logs is None:
+            return
+        self.session.observe_logs(state.global_step, logs)
+        logs.update(self.session.pop_pending_logs())
+        self._stop_if_asked(control)
 
     def on_train_end(
         self,
@@ -144,6 +147,10 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
     def _probe(self, model: nn.Module, step: int, control: TrainerControl) -> None:
         """Probe, then stop (saving a checkpoint first) if any rank's alerts reached stop_on."""
         self.session.probe_at(model, step)
+        self._stop_if_asked(control)
+
+    def _stop_if_asked(self, control: TrainerControl) -> None:
+        """Save a checkpoint and stop if any rank's alerts reached ``stop_on`` (a collective)."""
         if self.session.decide_stop():
             control.should_save = True
             control.should_training_stop = True
