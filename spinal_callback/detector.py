@@ -338,9 +338,7 @@ def _robust_scale(changes: Sequence[float], levels: Sequence[float]) -> float:
     return max(MAD_TO_SIGMA * mad, 0.5 * statistics.pstdev(changes), floor)
 
 
-def _level(
-    score: float, info: float, warning: float, critical: float | None
-) -> AlertLevel | None:
+def _level(score: float, info: float, warning: float, critical: float | None) -> AlertLevel | None:
     if critical is not None and score >= critical:
         return AlertLevel.CRITICAL
     if score >= warning:
