@@ -115,8 +115,8 @@ class SpinalConfig:
             _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
         if self.stop_on is not None:
             _check_choice("stop_on", self.stop_on, STOP_LEVELS)
-        critical = self.z_warning if self.z_critical is None else self.z_critical
-        if not 0 < self.z_info <= self.z_warning <= critical:
+        z_top = self.z_warning if self.z_critical is None else self.z_critical
+        if not 0 < self.z_info <= self.z_warning <= z_top:
             raise ValueError(
                 "SpinalConfig needs 0 < z_info <= z_warning <= z_critical (z_critical may be "
                 f"None), got {self.z_info}, {self.z_warning}, {self.z_critical}"
