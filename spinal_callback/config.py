@@ -64,6 +64,8 @@ class SpinalConfig:
             ``loss_window`` logged values is info at once and critical after ``patience``
             consecutive logs; ``loss_spike_z=None`` turns it off (a non-finite loss is always
             critical).
+        drift_every: every this many probes, also chart how far each block's output has moved
+            from the reference's on the probe batch (``spinal/drift/L{ii}``); ``None``: off.
     """
 
     late_layers: list[int] | None = None
@@ -96,6 +98,7 @@ class SpinalConfig:
     ramp_drop_critical: float | None = 0.5
     loss_window: int = 20
     loss_spike_z: float | None = 6.0
+    drift_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.late_layers is not None:
@@ -135,6 +138,8 @@ class SpinalConfig:
                 f"None to turn it off), got {warning} and {critical}"
             )
         _check_int("loss_window", self.loss_window, minimum=3)
+        if self.drift_every is not None:
+            _check_int("drift_every", self.drift_every, minimum=1)
         if self.loss_spike_z is not None and not self.loss_spike_z > 0:
             raise ValueError(
                 f"SpinalConfig.loss_spike_z must be > 0 or None, got {self.loss_spike_z!r}"
