@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from recipes.lightning_dpo import collate_pairs, response_logps
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
 from spinal_callback.detector import RampMonitor
 from spinal_callback.events import Alert
+from spinal_callback.pairs import collate_pairs, response_logps
 from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
 from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
 

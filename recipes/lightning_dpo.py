@@ -28,48 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from recipes.common import build_policy, training_arguments
+from spinal_callback.pairs import KEYS, SIDES, collate_pairs, response_logps
 from spinal_callback.preference_data import train_eval_split
-
-SIDES = ("chosen", "rejected")
-KEYS = ("ids", "attention", "response")
-
-
-def collate_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, Tensor]:
-    """Tokenize prompt+chosen and prompt+rejected, right-padded, with response-token masks.
-
-    Returns int64 ``[b, t]`` tensors ``{chosen,rejected}_{ids,attention,response}``, both sides
-    padded to one length ``t``; the response mask marks the reply tokens whose log-probs DPO sums.
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sequences: dict[str, list[list[int]]] = {side: [] for side in SIDES}
-    prompt_lengths: list[int] = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        prompt_lengths.append(len(prompt))
-        for side in SIDES:
-            sequences[side].append(
-                prompt + tokenizer(row[side], add_special_tokens=False)["input_ids"]
-            )
-    length = max(len(s) for side in SIDES for s in sequences[side])
-    batch: dict[str, Tensor] = {}
-    for side in SIDES:
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
-        attention = torch.zeros((len(rows), length), dtype=torch.int64)
-        response = torch.zeros((len(rows), length), dtype=torch.int64)
-        for i, (sequence, start) in enumerate(zip(sequences[side], prompt_lengths)):
-            ids[i, : len(sequence)] = torch.tensor(sequence)
-            attention[i, : len(sequence)] = 1
-            response[i, start : len(sequence)] = 1
-        batch.update(zip([f"{side}_{key}" for key in KEYS], (ids, attention, response)))
-    return batch
-
-
-def response_logps(model: nn.Module, ids: Tensor, attention: Tensor, response: Tensor) -> Tensor:
-    """Summed log-probability (float32 ``[b]``, nats, <= 0) of the response tokens given
-    everything before them; ``ids``, ``attention``, ``response`` are ``[b, t]``."""
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token_logps * response[:, 1:]).sum(dim=-1)
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""The ``spinal`` command: ``spinal demo`` and ``spinal audit PATH [PATH ...]``."""
+"""The ``spinal`` command: ``spinal demo``, ``spinal audit PATH [PATH ...]`` and
+``spinal localize --base PATH --tuned PATH --pairs FILE.jsonl``."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from spinal_callback.loading import (
     load_local_model,
     load_local_tokenizer,
 )
+from spinal_callback.localize import localize
+from spinal_callback.pairs import load_pairs
 from spinal_callback.probe import ProbeBatch, SpinalProbe
-from spinal_callback.report import format_comparison_table, plot_depth_paths
+from spinal_callback.report import format_comparison_table, plot_depth_paths, plot_localization
 from spinal_callback.tiny import (
     DEFAULT_PROBE_TEXTS,
     TINY_ARCHITECTURES,
@@ -35,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return int(args.handler(args))
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         print(f"spinal {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -66,6 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
     audit.add_argument("--max-length", type=int, default=256, help="tokens kept per probe text")
     audit.set_defaults(handler=_run_audit)
+
+    localize = commands.add_parser(
+        "localize", help="patch a tuned model into its base, layer by layer, on preference pairs"
+    )
+    localize.add_argument("--base", required=True, help="base checkpoint directory")
+    localize.add_argument("--tuned", required=True, help="tuned checkpoint directory")
+    localize.add_argument(
+        "--pairs", required=True, help='JSONL, one {"prompt", "chosen", "rejected"} per line'
+    )
+    localize.add_argument("--tokenizer", help="tokenizer directory (default: --base)")
+    localize.add_argument(
+        "--out", default="spinal_localize", help="output directory (default: %(default)s)"
+    )
+    localize.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
+    localize.add_argument(
+        "--all-tokens", action="store_true", help="patch every token, not only the reply's"
+    )
+    localize.add_argument(
+        "--top-layers", type=int, default=3, help="blocks given the low-rank analysis"
+    )
+    localize.add_argument(
+        "--ranks", type=int, nargs="+", help="ranks k to try (default: 1, 2, 4, ... width)"
+    )
+    localize.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    localize.add_argument("--seed", type=int, default=0)
+    localize.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    localize.add_argument("--device", default="cpu", help="device of the base model")
+    localize.add_argument("--tuned-device", help="device of the tuned model (default: --device)")
+    localize.add_argument("--no-progress", action="store_true", help="no progress bar")
+    localize.set_defaults(handler=_run_localize)
     return parser
 
 
@@ -95,6 +128,36 @@ def _run_audit(args: argparse.Namespace) -> int:
         traces[_unique_name(Path(path), traces)] = SpinalProbe(model, batch, config).run()
         del model
     _write_outputs(traces, Path(args.out))
+    return 0
+
+
+def _run_localize(args: argparse.Namespace) -> int:
+    for path in (args.base, args.tuned):
+        checkpoint_directory(path)
+    pairs = load_pairs(args.pairs)
+    tokenizer = load_local_tokenizer(args.tokenizer or args.base)
+    base = load_local_model(args.base, dtype=args.dtype, device=args.device)
+    tuned = load_local_model(args.tuned, dtype=args.dtype, device=args.tuned_device or args.device)
+    for model, path in ((base, args.base), (tuned, args.tuned)):
+        _check_vocabulary(model, tokenizer, path)
+    result = localize(
+        base,
+        tuned,
+        tokenizer,
+        pairs,
+        batch_size=args.batch_size,
+        all_tokens=args.all_tokens,
+        top_layers=args.top_layers,
+        ranks=args.ranks,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    print(result.format_table())
+    report = result.save(out / "localize.json")
+    image = plot_localization(result, out / "localize.png")
+    print(f"\nreport: {report}\nfigure: {image}")
     return 0
 
 

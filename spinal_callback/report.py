@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
 
+from spinal_callback.localize import Localization
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.trace import DepthTrace
 
@@ -65,6 +66,46 @@ def plot_depth_paths(traces: Mapping[str, DepthTrace], path: str | Path) -> Path
     right.set(
         title=f"transport ({measure}, lower = smoother)", xlabel="between blocks", ylabel="distance"
     )
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    output = Path(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output
+
+
+def plot_localization(result: Localization, path: str | Path) -> Path:
+    """Write a PNG: patch effect and per-block gain with CIs; recovered share vs rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    layers = result.layers
+    for values, bounds, label, style in (
+        (result.effect, result.effect_ci, "effect (residual patched at block)", "o-"),
+        (result.gain, result.gain_ci, "gain (block's own share)", "s--"),
+    ):
+        errors = [
+            [v - low for v, (low, _) in zip(values, bounds)],
+            [high - v for v, (_, high) in zip(values, bounds)],
+        ]
+        left.errorbar(layers, values, yerr=errors, fmt=style, capsize=3, label=label)
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    left.set(
+        title=f"share of the margin gain ({result.pairs} pairs)",
+        xlabel="block",
+        ylabel="(m_patched - m_base) / (m_tuned - m_base)",
+    )
+    for recovery in result.low_rank:
+        right.plot(recovery.ranks, recovery.recovered, marker="o", label=f"block {recovery.layer}")
+    right.axhline(0.9, color="grey", linestyle=":", linewidth=0.8)
+    right.set_xscale("log", base=2)
+    right.set(title="low-rank patch", xlabel="rank k", ylabel="share of the block's effect")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

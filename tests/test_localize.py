@@ -1,0 +1,313 @@
+"""`localize` finds a planted answer: the one block DPO was allowed to change, and its rank."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from spinal_callback.cli import main
+from spinal_callback.localize import Localization, localize, sparse_attribution
+from spinal_callback.pairs import collate_pairs, load_pairs, response_logps
+from spinal_callback.preference_data import (
+    TOKENIZER_VOCAB_SIZE,
+    make_preference_pairs,
+    tokenizer_corpus,
+)
+from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+
+pytest.importorskip("sklearn")
+PLANTED_BLOCK = 2
+PLANTED_RANK = 2
+BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def task_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(tokenizer_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def base(task_tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    return build_tiny_model(
+        "llama", vocab_size=len(task_tokenizer), hidden=64, layers=BLOCKS, seed=0
+    ).eval()
+
+
+def dpo_train(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, lr: float, steps: int = 40
+) -> None:
+    """Sigmoid DPO (beta 0.1) on the synthetic task, updating only what requires grad."""
+    torch.manual_seed(0)
+    reference = copy.deepcopy(model).eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = collate_pairs(tokenizer, make_preference_pairs(16, seed=100 + step))
+        shifts = []
+        for side in ("chosen", "rejected"):
+            args = (batch[f"{side}_ids"], batch[f"{side}_attention"], batch[f"{side}_response"])
+            with torch.no_grad():
+                anchor = response_logps(reference, *args)
+            shifts.append(response_logps(model, *args) - anchor)
+        loss = -torch.nn.functional.logsigmoid(0.1 * (shifts[0] - shifts[1])).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_block_tuned(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast
+) -> PreTrainedModel:
+    """DPO where only block 2 is trainable."""
+    tuned = copy.deepcopy(base).requires_grad_(False)
+    tuned.model.layers[PLANTED_BLOCK].requires_grad_(True)
+    dpo_train(tuned, task_tokenizer, lr=1e-2)
+    return tuned.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def rank_two_tuned(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast
+) -> PreTrainedModel:
+    """DPO through a rank-2 LoRA on block 2's MLP output projection, merged: the change to
+    block 2's output lies in a 2-dimensional subspace."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=PLANTED_RANK,
+        lora_alpha=2 * PLANTED_RANK,
+        target_modules=["down_proj"],
+        layers_to_transform=[PLANTED_BLOCK],
+        lora_dropout=0.0,
+    )
+    adapted = peft.get_peft_model(copy.deepcopy(base), config)
+    dpo_train(adapted, task_tokenizer, lr=3e-2)
+    return adapted.merge_and_unload().eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict[str, str]]:
+    return make_preference_pairs(32, seed=7)
+
+
+@pytest.fixture(scope="module")
+def one_block_result(
+    base: PreTrainedModel,
+    one_block_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+) -> Localization:
+    return localize(
+        base, one_block_tuned, task_tokenizer, pairs, progress=False, ranks=[1, 2, 4, 64]
+    )
+
+
+@pytest.fixture(scope="module")
+def rank_two_result(
+    base: PreTrainedModel,
+    rank_two_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+) -> Localization:
+    return localize(base, rank_two_tuned, task_tokenizer, pairs, progress=False, ranks=[1, 2, 4, 8])
+
+
+def test_the_only_trained_block_is_ranked_first(one_block_result: Localization) -> None:
+    result = one_block_result
+    assert result.margin_tuned > result.margin_base
+    assert result.ranking[0] == PLANTED_BLOCK
+    low, high = result.gain_ci[PLANTED_BLOCK]
+    assert low > 0.5 and low <= result.gain[PLANTED_BLOCK] <= high
+    for untouched in range(PLANTED_BLOCK):
+        assert result.effect[untouched] == pytest.approx(0.0, abs=1e-9)
+        assert result.distance[untouched] == pytest.approx(0.0, abs=1e-9)
+    assert result.effect[-1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_planted_rank_two_change_is_recovered_at_rank_two(
+    rank_two_result: Localization,
+) -> None:
+    result = rank_two_result
+    assert result.ranking[0] == PLANTED_BLOCK
+    recovery = next(r for r in result.low_rank if r.layer == PLANTED_BLOCK)
+    by_rank = dict(zip(recovery.ranks, recovery.recovered))
+    assert by_rank[PLANTED_RANK] >= 0.9
+    assert by_rank[8] == pytest.approx(by_rank[PLANTED_RANK], abs=1e-3)
+    assert dict(zip(recovery.ranks, recovery.energy))[PLANTED_RANK] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_blocks_with_no_share_of_the_effect_get_no_low_rank_analysis(
+    rank_two_result: Localization,
+) -> None:
+    analysed = {r.layer for r in rank_two_result.low_rank}
+    assert PLANTED_BLOCK in analysed
+    assert analysed.isdisjoint(range(PLANTED_BLOCK))
+
+
+def test_patching_costs_layers_plus_two_forwards_per_batch(
+    one_block_result: Localization,
+) -> None:
+    settings = one_block_result.settings
+    assert settings["batches"] == 4  # 32 pairs, 8 per batch
+    assert settings["patching_forwards_per_batch"] == BLOCKS + 2
+    analysed = len(one_block_result.low_rank)
+    assert settings["low_rank_forwards_per_batch"] == 4 + analysed * 4
+
+
+def test_patching_every_token_of_a_block_after_the_change_reproduces_the_tuned_margin(
+    base: PreTrainedModel,
+    one_block_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+) -> None:
+    result = localize(
+        base, one_block_tuned, task_tokenizer, pairs[:8], all_tokens=True, top_layers=0,
+        progress=False, bootstrap=50,
+    )  # fmt: skip
+    assert result.effect[:PLANTED_BLOCK] == pytest.approx([0.0] * PLANTED_BLOCK, abs=1e-9)
+    assert result.effect[PLANTED_BLOCK:] == pytest.approx(
+        [1.0] * (BLOCKS - PLANTED_BLOCK), abs=1e-4
+    )
+    assert result.low_rank == []
+
+
+def test_models_are_left_in_the_mode_they_were_in(
+    base: PreTrainedModel,
+    one_block_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+) -> None:
+    base.train()
+    try:
+        localize(base, one_block_tuned, task_tokenizer, pairs[:4], top_layers=0, progress=False,
+                 bootstrap=10)  # fmt: skip
+        assert base.training and all(m.training for m in base.modules())
+        assert not one_block_tuned.training
+    finally:
+        base.eval()
+
+
+def test_a_tuned_model_equal_to_its_base_has_nothing_to_localize(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    with pytest.raises(ValueError, match="nothing to localize"):
+        localize(base, copy.deepcopy(base), task_tokenizer, pairs[:4], progress=False)
+
+
+def test_models_of_different_depth_are_rejected(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    deeper = build_tiny_model("llama", vocab_size=len(task_tokenizer), hidden=64, layers=6)
+    with pytest.raises(ValueError, match="4 blocks and the tuned one 6"):
+        localize(base, deeper, task_tokenizer, pairs[:4], progress=False)
+
+
+def test_ranks_beyond_the_width_are_rejected(
+    base: PreTrainedModel,
+    one_block_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+) -> None:
+    with pytest.raises(ValueError, match=r"ranks must lie in \[1, 64\]"):
+        localize(base, one_block_tuned, task_tokenizer, pairs[:4], ranks=[1, 128], progress=False)
+
+
+def test_lasso_selects_the_layer_whose_distance_explains_the_gain() -> None:
+    generator = torch.Generator().manual_seed(0)
+    distances = torch.rand(60, 5, generator=generator, dtype=torch.float64)
+    gains = 3.0 * distances[:, 1] + 0.01 * torch.randn(60, generator=generator, dtype=torch.float64)
+    fit = sparse_attribution(distances, gains)
+    assert fit is not None
+    assert fit.selected[0] == 1 and fit.r2 > 0.95
+    assert abs(fit.coefficients[1]) > 10 * max(
+        abs(c) for i, c in enumerate(fit.coefficients) if i != 1
+    )
+
+
+def test_lasso_needs_five_pairs() -> None:
+    assert sparse_attribution(torch.rand(4, 3, dtype=torch.float64), torch.rand(4)) is None
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_pairs_are_read_from_jsonl_and_bad_lines_are_named(tmp_path: Path) -> None:
+    good = {"prompt": "a b", "chosen": " b", "rejected": " c", "id": 3}
+    assert load_pairs(write_lines(tmp_path / "ok.jsonl", [json.dumps(good), ""])) == [
+        {"prompt": "a b", "chosen": " b", "rejected": " c"}
+    ]
+    cases = {
+        "missing.jsonl": ([json.dumps(good), json.dumps({"prompt": "a", "chosen": "b"})],
+                          r"missing.jsonl:2 lacks \['rejected'\]"),
+        "broken.jsonl": (["{not json"], "broken.jsonl:1 is not JSON"),
+        "typed.jsonl": ([json.dumps({**good, "chosen": 3})], "'chosen' must be a string"),
+        "empty.jsonl": ([""], "holds no preference pair"),
+    }  # fmt: skip
+    for name, (lines, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            load_pairs(write_lines(tmp_path / name, lines))
+    with pytest.raises(FileNotFoundError, match="no pairs file"):
+        load_pairs(tmp_path / "absent.jsonl")
+
+
+def test_cli_writes_table_json_and_figure_from_saved_checkpoints(
+    tmp_path: Path,
+    base: PreTrainedModel,
+    rank_two_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, model in (("base", base), ("tuned", rank_two_tuned)):
+        model.save_pretrained(tmp_path / name)
+    task_tokenizer.save_pretrained(tmp_path / "base")
+    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(p) for p in pairs[:16]])
+    out = tmp_path / "out"
+    status = main([
+        "localize", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+        "--pairs", str(pairs_file), "--out", str(out), "--bootstrap", "100",
+        "--ranks", "1", "2", "4",
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "ranking by gain: [2," in captured.out
+    assert "patching" in captured.err  # the progress bar
+    report = json.loads((out / "localize.json").read_text())
+    assert report["ranking"][0] == PLANTED_BLOCK and report["pairs"] == 16
+    assert (out / "localize.png").stat().st_size > 0
+
+
+def test_cli_reports_a_missing_pairs_file_and_exits_2(
+    tmp_path: Path, base: PreTrainedModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base.save_pretrained(tmp_path / "base")
+    status = main([
+        "localize", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "base"),
+        "--pairs", str(tmp_path / "absent.jsonl"),
+    ])  # fmt: skip
+    assert status == 2
+    assert "no pairs file" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_two_models_may_sit_on_different_devices(
+    base: PreTrainedModel,
+    one_block_tuned: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    one_block_result: Localization,
+) -> None:
+    on_gpu = copy.deepcopy(one_block_tuned).to("cuda")
+    result = localize(base, on_gpu, task_tokenizer, pairs, progress=False, ranks=[1, 2, 4, 64])
+    assert result.ranking == one_block_result.ranking
+    assert result.effect == pytest.approx(one_block_result.effect, abs=1e-4)
