@@ -34,6 +34,7 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/probe_cost.py
 	PYTHONPATH=. $(BIN)/python bench/overhead.py
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py
+	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache
