@@ -37,4 +37,4 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 
 clean:
-	rm -rf $(VENV) runs spinal_demo spinal_audit bench/results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs spinal_demo spinal_audit spinal_localize bench/results .pytest_cache .mypy_cache .ruff_cache
