@@ -199,6 +199,7 @@ def localize(
         collate_pairs(tokenizer, list(pairs[i : i + batch_size]))
         for i in range(0, len(pairs), batch_size)
     ]
+    _check_context(base, batches, batch_size)
     runner = _Runner(base, tuned, base_blocks, tuned_blocks, all_tokens)
     count = len(base_blocks)
     with _progress(len(batches) * (count + 2), "patching", progress) as tick:
@@ -270,6 +271,21 @@ def _check_settings(
         )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+
+
+def _check_context(model: nn.Module, batches: list[dict[str, Tensor]], batch_size: int) -> None:
+    """Raise ``ValueError`` when a prompt + reply is longer than the model's context."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    for index, batch in enumerate(batches):
+        lengths = torch.cat([batch[f"{side}_attention"].sum(dim=-1) for side in SIDES])
+        if int(lengths.max()) > limit:
+            first = index * batch_size
+            raise ValueError(
+                f"a pair among pairs {first}..{first + batch_size - 1} is {int(lengths.max())} "
+                f"tokens long, beyond the model's context of {limit}; shorten it or drop it"
+            )
 
 
 def _default_ranks(width: int) -> list[int]:

@@ -209,6 +209,15 @@ def test_models_of_different_depth_are_rejected(
         localize(base, deeper, task_tokenizer, pairs[:4], progress=False)
 
 
+def test_a_pair_longer_than_the_context_is_rejected_before_any_forward(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    long_prompt = " ".join(["alpha"] * (base.config.max_position_embeddings + 5))
+    too_long = [*pairs[:9], {**pairs[9], "prompt": long_prompt}]
+    with pytest.raises(ValueError, match=r"among pairs 8\.\.15 .* beyond the model's context"):
+        localize(base, base, task_tokenizer, too_long, progress=False)
+
+
 def test_ranks_beyond_the_width_are_rejected(
     base: PreTrainedModel,
     one_block_tuned: PreTrainedModel,
