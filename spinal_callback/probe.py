@@ -201,6 +201,80 @@ class _StopForward(Exception):
     """Raised by the last hooked block: nothing after it is needed."""
 
 
+def forward_inputs(parts: ModelParts, batch: ProbeBatch) -> dict[str, Tensor]:
+    """Keyword inputs of a probe forward, on the CPU: int64 ``[b, t]`` ``input_ids`` and
+    ``attention_mask``, and ``position_ids`` counted over real tokens (so left padding shifts
+    nothing) where the model's forward accepts them."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if "position_ids" in inspect.signature(parts.model.forward).parameters:
+        inputs["position_ids"] = batch.position_ids
+    return inputs
+
+
+def capture_block_outputs(
+    parts: ModelParts,
+    inputs: dict[str, Tensor],
+    layers: Sequence[int],
+    selections: Sequence[Tensor],
+) -> list[Tensor]:
+    """Run ``parts.entry(**inputs, use_cache=False)`` with forward hooks on blocks ``layers``.
+
+    The forward stops after the deepest hooked block (nothing after it runs) and every hook is
+    removed afterwards, also when the forward raises. The caller chooses grad, eval and autocast
+    modes.
+
+    Args:
+        parts: the resolved model.
+        inputs: ``forward_inputs`` on the model's device.
+        layers: ascending block indices.
+        selections: int64 flat token indices into ``[b * t]``, on the model's device.
+
+    Returns:
+        One tensor ``[len(layers), n_k, d]`` per selection, in the blocks' output dtype.
+
+    Raises:
+        RuntimeError: the forward skipped one of ``layers`` (early exit or layer dropout).
+    """
+    captured: dict[int, list[Tensor]] = {}
+    last = max(layers)
+
+    def hook_for(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            captured[layer] = [flat.index_select(0, rows) for rows in selections]
+            if layer == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [parts.blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        parts.entry(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in layers if i not in captured]
+    if missing:
+        raise RuntimeError(
+            f"the forward never reached block(s) {missing}; the model skipped them "
+            "(early exit or layer dropout): trace blocks that always run (late_layers)"
+        )
+    return [torch.stack([captured[i][k] for i in layers]) for k in range(len(selections))]
+
+
+def autocast_context(
+    device: torch.device, dtype_name: str | None
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype_name`` (``"bfloat16"``/``"float16"``) on ``device``, or a
+    no-op for ``None`` (an enclosing autocast still applies)."""
+    if dtype_name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
+
+
 class SpinalProbe:
     """Runs the probe batch through a model and returns its late-layer ``DepthTrace``.
 
@@ -237,10 +311,11 @@ class SpinalProbe:
         The model's train/eval flags are restored afterwards, also when the forward raises.
         """
         started = time.perf_counter()
-        device = _device_of(self.parts.model)
+        device = device_of(self.parts.model)
         # no_grad, not inference_mode: FSDP materialises its gathered weights during the first
         # forward, and weights created under inference_mode break the training step after it.
-        with _eval_mode(self.model), torch.no_grad(), self._autocast(device):
+        autocast = autocast_context(device, self.config.autocast_dtype)
+        with eval_mode(self.model), torch.no_grad(), autocast:
             spectrum_hidden, transport_hidden = self._capture(device)
             scores = self._scores(spectrum_hidden, transport_hidden)
             # The one host synchronisation of the probe.
@@ -274,39 +349,8 @@ class SpinalProbe:
     def _capture(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Forward with hooks on the late blocks; returns ``[L, n_s, d]`` and ``[L, n_t, d]``."""
         inputs = self._inputs_on(device)
-        spectrum_rows, transport_rows = inputs.pop("spectrum_index"), inputs.pop("transport_index")
-        captured: dict[int, tuple[Tensor, Tensor]] = {}
-        last = self.layers[-1]
-
-        def hook_for(layer: int) -> Any:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
-                flat = hidden.reshape(-1, hidden.shape[-1])
-                captured[layer] = (
-                    flat.index_select(0, spectrum_rows),
-                    flat.index_select(0, transport_rows),
-                )
-                if layer == last:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self.parts.blocks[i].register_forward_hook(hook_for(i)) for i in self.layers]
-        try:
-            self.parts.entry(**inputs, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [i for i in self.layers if i not in captured]
-        if missing:
-            raise RuntimeError(
-                f"the forward never reached late block(s) {missing}; the model skipped them "
-                "(early exit or layer dropout): set late_layers to blocks that always run"
-            )
-        spectrum = torch.stack([captured[i][0] for i in self.layers])
-        transport = torch.stack([captured[i][1] for i in self.layers])
+        rows = (inputs.pop("spectrum_index"), inputs.pop("transport_index"))
+        spectrum, transport = capture_block_outputs(self.parts, inputs, self.layers, rows)
         return spectrum, transport
 
     def _scores(self, spectrum_hidden: Tensor, transport_hidden: Tensor) -> list[Tensor]:
@@ -346,21 +390,11 @@ class SpinalProbe:
 
     def _inputs_on(self, device: torch.device) -> dict[str, Tensor]:
         if device not in self._device_inputs:
-            batch = self.batch
-            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-            if "position_ids" in inspect.signature(self.parts.model.forward).parameters:
-                inputs["position_ids"] = batch.position_ids
+            inputs = forward_inputs(self.parts, self.batch)
             inputs["spectrum_index"] = self.spectrum_index
             inputs["transport_index"] = self.transport_index
             self._device_inputs[device] = {k: v.to(device) for k, v in inputs.items()}
         return dict(self._device_inputs[device])
-
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.config.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(
-            device_type=device.type, dtype=getattr(torch, self.config.autocast_dtype)
-        )
 
     def _check_context_length(self) -> None:
         config = getattr(self.parts.model, "config", None)
@@ -410,7 +444,7 @@ class SpinalProbe:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration; every submodule's own train/eval flag restored afterwards."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -421,7 +455,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 

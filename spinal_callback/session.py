@@ -1,26 +1,36 @@
 """ProbeSession: what both training callbacks share, so the adapters only decide when and where.
 
 It builds the probe at setup (every configuration error surfaces there), probes on schedule,
-traces the reference once, keeps the trace history, writes to TensorBoard on the main process,
-survives probe failures, and round-trips its state through checkpoints.
+traces the reference once, measures per-layer drift every ``drift_every`` probes, keeps the trace
+history, writes to TensorBoard on the main process, survives probe failures, and round-trips its
+state through checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
+from spinal_callback.drift import (
+    DRIFT_TOKENS,
+    activation_drift,
+    block_outputs,
+    decode_activations,
+    drift_scalars,
+    encode_activations,
+)
 from spinal_callback.events import Alert, AlertLevel, EventLog
-from spinal_callback.model_access import peft_model_in
+from spinal_callback.model_access import ModelParts, peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.tensorboard import TraceBoard, summary_scalars
 from spinal_callback.trace import DepthTrace
@@ -91,6 +101,14 @@ class ProbeSession:
         self.monitor = RampMonitor(config)
         self.event_log: EventLog | None = None
         self.stop_requested = False
+        self.probes_run = 0
+        self.drift_batch: ProbeBatch | None = None
+        self.drift_index: Tensor | None = None
+        self.drift_fingerprint: str | None = None
+        self.drift_reference: Tensor | None = None
+        self.drift_reference_is_snapshot = False
+        self.drift_reference_fingerprint: str | None = None
+        self.last_drift: Tensor | None = None
 
     def setup(
         self,
@@ -99,11 +117,19 @@ class ProbeSession:
         dataset: Any = None,
         reference_model: nn.Module | None = None,
     ) -> None:
-        """Build the probe (and the reference probe); raise ``ValueError`` on any bad input."""
+        """Build the probe (and the reference probe); raise ``ValueError`` on any bad input.
+
+        With ``drift_every`` set, also fix the drift tokens: ``DRIFT_TOKENS`` real tokens of the
+        full probe batch (kept when a failing probe is halved).
+        """
         batch = build_probe_batch(self.config, tokenizer, self.probe_texts, dataset)
         self.probe = SpinalProbe(model, batch, self.config)
         if reference_model is not None:
             self.reference_probe = SpinalProbe(reference_model, batch, self.config)
+        if self.config.drift_every is not None:
+            self.drift_batch = batch
+            self.drift_index = batch.subsample(DRIFT_TOKENS, self.config.seed + 2)
+            self.drift_fingerprint = _tokens_fingerprint(batch, self.drift_index)
 
     def attach_outputs(self, board: TraceBoard | None, log_dir: str, resume_step: int = 0) -> None:
         """Write to ``board`` (main process only; ``None`` elsewhere) and to the event log.
@@ -114,6 +140,8 @@ class ProbeSession:
         left by the interrupted run are hidden.
         """
         self.board = board
+        if board is not None and self.config.drift_every is not None:
+            board.chart_drift()
         main_log = Path(self.config.event_log or Path(log_dir) / "spinal_events.jsonl")
         rank = distributed.rank()
         path = main_log if rank == 0 else main_log.with_name(f"{main_log.stem}.rank{rank}.jsonl")
@@ -129,10 +157,16 @@ class ProbeSession:
     def probe_at(self, model: nn.Module, step: int) -> DepthTrace | None:
         """Probe now (every rank), score, record and write (main process).
 
+        On every ``drift_every``-th call (the first, then every ``drift_every``; restored runs
+        continue the count) whose probe succeeded, also measure the per-layer drift.
         Returns ``None`` when probing is disabled or failed. Alerts at or above ``stop_on`` set
         ``stop_requested``; call ``decide_stop`` on every rank to agree on stopping.
         """
         self.last_probe_step = step
+        drift_due = self.config.drift_every is not None and (
+            self.probes_run % self.config.drift_every == 0
+        )
+        self.probes_run += 1
         trace = None if self.disabled else self._run_safely(step)
         if trace is None:
             return None
@@ -144,6 +178,8 @@ class ProbeSession:
         self.pending_logs["spinal/alert_level"] = float(
             max((a.severity for a in alerts), default=0)
         )
+        if drift_due:
+            self._record_drift(model, step)
         if self.board is not None:
             self.board.write_trace(trace, self.reference)
             self.board.write_alerts(step, alerts)
@@ -206,10 +242,22 @@ class ProbeSession:
             self.on_alert(alert)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: schedule position, history, reference, failure flag."""
+        """JSON-serialisable state: schedule position, history, references, failure flag.
+
+        The drift reference (float32 ``[blocks, tokens, hidden]``, base64) is stored only when
+        it is a snapshot of the policy; a reference model is measured again after a resume.
+        """
+        drift_reference = None
+        if self.drift_reference is not None and self.drift_reference_is_snapshot:
+            drift_reference = {
+                "fingerprint": self.drift_reference_fingerprint,
+                **encode_activations(self.drift_reference),
+            }
         return {
             "version": STATE_VERSION,
             "last_probe_step": self.last_probe_step,
+            "probes_run": self.probes_run,
+            "drift_reference": drift_reference,
             "disabled": self.disabled,
             "history": [trace.to_dict() for trace in self.history],
             "reference": self.reference.to_dict() if self.reference is not None else None,
@@ -230,11 +278,18 @@ class ProbeSession:
         self.reference = DepthTrace.from_dict(reference) if reference else None
         if "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
+        self.probes_run = int(state.get("probes_run", len(self.history)))
+        drift_reference = state.get("drift_reference")
+        self.drift_reference = decode_activations(drift_reference) if drift_reference else None
+        self.drift_reference_is_snapshot = self.drift_reference is not None
+        self.drift_reference_fingerprint = (
+            drift_reference.get("fingerprint") if drift_reference else None
+        )
 
     def _reference_trace(self, model: nn.Module, step: int) -> DepthTrace | None:
         """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""
         assert self.probe is not None
-        with _failures_logged("reference probe"):
+        with _failures_logged("reference probe", "the first trace is the baseline"):
             if self.reference_probe is not None:
                 return self.reference_probe.run(step)
             peft_model = peft_model_in(model)
@@ -242,6 +297,61 @@ class ProbeSession:
                 with peft_model.disable_adapter():  # type: ignore[operator]
                     return self.probe.run(step)
         return None
+
+    def _record_drift(self, model: nn.Module, step: int) -> None:
+        """Measure the drift of every block; hand it to the loggers and write it (main process)."""
+        drift = self._measure_drift(model)
+        if drift is None:
+            return
+        self.last_drift = drift
+        scalars = drift_scalars(drift)
+        self.pending_logs.update(scalars)
+        if self.board is not None:
+            self.board.write_scalars(step, scalars)
+
+    def _measure_drift(self, model: nn.Module) -> Tensor | None:
+        """float32 ``[blocks]`` drift on the CPU (``drift.activation_drift``); ``None`` when the
+        measurement failed (logged; training goes on)."""
+        assert self.probe is not None, "ProbeSession.setup() must run before probing"
+        with _failures_logged("drift measurement", "this probe has no drift"):
+            policy = self._block_outputs(self.probe.parts)
+            return activation_drift(policy, self._drift_reference(model, policy)).cpu()
+        return None
+
+    def _drift_reference(self, model: nn.Module, policy: Tensor) -> Tensor:
+        """The reference's block outputs, measured once and cached (float32, on the CPU): TRL's
+        ``ref_model``, else the PEFT model with adapters off, else ``policy`` (this snapshot)."""
+        stored = self.drift_reference
+        if stored is not None and (
+            self.drift_reference_fingerprint != self.drift_fingerprint
+            or stored.shape != policy.shape
+        ):
+            logger.warning(
+                "spinal-callback: the stored drift reference was measured on other probe tokens "
+                "or another model; measuring the reference again"
+            )
+            self.drift_reference = None
+        if self.drift_reference is None:
+            reference = self._reference_block_outputs(model)
+            self.drift_reference_is_snapshot = reference is None
+            self.drift_reference = (policy if reference is None else reference).cpu()
+            self.drift_reference_fingerprint = self.drift_fingerprint
+        return self.drift_reference
+
+    def _reference_block_outputs(self, model: nn.Module) -> Tensor | None:
+        """Block outputs of TRL's ``ref_model``, else of the PEFT model with adapters off."""
+        assert self.probe is not None
+        if self.reference_probe is not None:
+            return self._block_outputs(self.reference_probe.parts)
+        peft_model = peft_model_in(model)
+        if peft_model is not None:
+            with peft_model.disable_adapter():  # type: ignore[operator]
+                return self._block_outputs(self.probe.parts)
+        return None
+
+    def _block_outputs(self, parts: ModelParts) -> Tensor:
+        assert self.drift_batch is not None and self.drift_index is not None
+        return block_outputs(parts, self.drift_batch, self.drift_index, self.config.autocast_dtype)
 
     def _run_safely(self, step: int) -> DepthTrace | None:
         """Run the probe; on failure retry once with half the batch, then stop probing."""
@@ -294,9 +404,19 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _tokens_fingerprint(batch: ProbeBatch, token_index: Tensor) -> str:
+    """Hash of the probe's token ids, mask and chosen tokens: stored drift references are
+    comparable only when it matches."""
+    digest = hashlib.sha256()
+    for tensor in (batch.input_ids, batch.attention_mask, token_index):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @contextlib.contextmanager
-def _failures_logged(what: str) -> Iterator[None]:
+def _failures_logged(what: str, consequence: str) -> Iterator[None]:
     try:
         yield
-    except Exception:  # a missing reference trace must not end training
-        logger.exception("spinal-callback: the %s failed; the first trace is the baseline", what)
+    except Exception:  # a missing reference or drift must not end training
+        _release_cached_memory()
+        logger.exception("spinal-callback: the %s failed; %s", what, consequence)

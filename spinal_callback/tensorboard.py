@@ -6,6 +6,8 @@ Tags (DESIGN section 6):
     spinal/ramp/<summary>               ramp summaries
     spinal/reference/...                the same for the reference (baseline) trace, repeated at
                                         every probe step so it draws as a flat line beside the run
+    spinal/drift/L{ii}                  drift of block ii's output from the reference's (every
+                                        block, every ``drift_every`` probes; see ``drift.py``)
     spinal/alert_level                  highest alert level at a probe (0 none, 1 info, 2 warning,
                                         3 critical)
     spinal/depth_trace (image)          layer x probe-step heatmaps of both scores
@@ -14,7 +16,7 @@ Tags (DESIGN section 6):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
@@ -49,8 +51,9 @@ def summary_scalars(trace: DepthTrace) -> dict[str, float]:
     return {f"{PREFIX}/ramp/{name}": trace.summary[name] for name in RAMP_SUMMARY_NAMES}
 
 
-def custom_scalar_layout(layers: Sequence[int]) -> dict[str, Any]:
-    """One multi-line chart per score for the late band, and one per summary with its reference."""
+def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str, Any]:
+    """One multi-line chart per score for the late band, and one per summary with its reference;
+    with ``drift``, one more for the drift of every block."""
     band = f"L{layers[0]:02d}-L{layers[-1]:02d}"
     layout: dict[str, Any] = {
         "SPINAL depth trace": {
@@ -67,6 +70,11 @@ def custom_scalar_layout(layers: Sequence[int]) -> dict[str, Any]:
             for name in RAMP_SUMMARY_NAMES
         },
     }
+    if drift:
+        layout["SPINAL depth trace"]["drift from the reference, all blocks"] = [
+            "Multiline",
+            [rf"^{PREFIX}/drift/L\d+$"],
+        ]
     return layout
 
 
@@ -81,6 +89,12 @@ class TraceBoard:
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._layout_written = False
+        self._drift_chart = False
+
+    def chart_drift(self) -> None:
+        """Add the per-block drift chart to the custom-scalars layout (call before the first
+        ``write_trace``, which writes the layout)."""
+        self._drift_chart = True
 
     def purge_after(self, step: int) -> None:
         """Hide events newer than ``step`` left by an interrupted run (call once on resume)."""
@@ -93,7 +107,7 @@ class TraceBoard:
     def write_trace(self, trace: DepthTrace, reference: DepthTrace | None = None) -> None:
         """Scalars of ``trace`` (and of ``reference``, at the same step) plus any notes."""
         if not self._layout_written:
-            self.writer.add_custom_scalars(custom_scalar_layout(trace.layers))
+            self.writer.add_custom_scalars(custom_scalar_layout(trace.layers, self._drift_chart))
             self._layout_written = True
         for tag, value in trace_scalars(trace).items():
             self.writer.add_scalar(tag, value, trace.step)
@@ -102,6 +116,11 @@ class TraceBoard:
                 self.writer.add_scalar(tag, value, trace.step)
         if trace.notes:
             self.writer.add_text(f"{PREFIX}/notes", "\n\n".join(trace.notes), trace.step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Plain scalars under their own tags (e.g. ``drift.drift_scalars``) at ``step``."""
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
 
     def write_alerts(self, step: int, alerts: Sequence[Alert]) -> None:
         """``spinal/alert_level``: the highest level among ``alerts`` (0 when quiet)."""

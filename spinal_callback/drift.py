@@ -1,0 +1,142 @@
+"""Per-layer drift: how far each decoder block's output has moved from the reference's.
+
+During DPO the policy starts as a copy of the reference; the drift of block ``l`` is
+
+    drift_l = mean_i ||h_policy_l(i) - h_ref_l(i)||_2 / mean_i ||h_ref_l(i)||_2
+
+over a fixed subsample of real probe tokens ``i``, where ``h_l(i)`` is block ``l``'s output
+(the hidden state after the block) at token ``i``, in float32. It is dimensionless: 0 means the
+block's output has not moved, 0.1 that it moved by a tenth of its typical size. Unlike the depth
+trace it covers every block, so it shows which layers DPO is rewriting.
+
+This module holds the math and the one hooked forward; ``ProbeSession`` decides when to measure
+and against which reference.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spinal_callback.model_access import ModelParts, resolve_model_parts
+from spinal_callback.probe import (
+    ProbeBatch,
+    autocast_context,
+    capture_block_outputs,
+    device_of,
+    eval_mode,
+    forward_inputs,
+)
+
+DRIFT_PREFIX = "spinal/drift"
+DRIFT_TOKENS = 64
+"""Probe tokens the drift averages over: enough for a mean of norms, and few enough that a
+cached reference (``blocks x tokens x hidden`` float32) stays small in a checkpoint."""
+
+
+def block_outputs(
+    model: nn.Module | ModelParts,
+    batch: ProbeBatch,
+    token_index: Tensor,
+    autocast_dtype: str | None = None,
+) -> Tensor:
+    """Every decoder block's output at the chosen probe tokens.
+
+    One no-grad forward in eval mode (each module's train/eval flag restored afterwards), without
+    KV cache, with positions counted over real tokens as in the probe; it stops after the last
+    block, so the unembedding never runs.
+
+    Args:
+        model: a causal LM (wrappers are looked through with the automatic lookup) or its
+            ``ModelParts`` (e.g. ``SpinalProbe.parts``, which honours configured paths).
+        batch: the probe batch.
+        token_index: int64 ``[n]`` flat indices into ``[b * t]`` of real tokens, e.g.
+            ``batch.subsample(count, seed)``.
+        autocast_dtype: ``"bfloat16"``/``"float16"`` to run the forward under autocast, or
+            ``None`` (the model's own dtype).
+
+    Returns:
+        float32 ``[L, n, d]`` block outputs (``L`` = all blocks) on the model's device.
+    """
+    parts = model if isinstance(model, ModelParts) else resolve_model_parts(model)
+    device = device_of(parts.model)
+    inputs = {name: value.to(device) for name, value in forward_inputs(parts, batch).items()}
+    layers = list(range(parts.num_blocks))
+    autocast = autocast_context(device, autocast_dtype)
+    # no_grad, not inference_mode, for the FSDP reason given in SpinalProbe.run.
+    with eval_mode(parts.entry), torch.no_grad(), autocast:
+        (hidden,) = capture_block_outputs(parts, inputs, layers, [token_index.to(device)])
+    return hidden.float()
+
+
+def activation_drift(policy: Tensor, reference: Tensor) -> Tensor:
+    """Relative drift of each block's output from the reference's (the module docstring's
+    ``drift_l``).
+
+    Args:
+        policy: ``[L, n, d]`` block outputs of the policy.
+        reference: ``[L, n, d]`` block outputs of the reference at the same tokens.
+
+    Returns:
+        float32 ``[L]`` on ``policy``'s device, dimensionless and >= 0; 0 where the block has not
+        moved (also when its reference outputs are all zero), ``inf`` where a block whose
+        reference outputs are all zero has moved, NaN where an activation is not finite.
+
+    Raises:
+        ValueError: the shapes differ or are not ``[L, n, d]``.
+    """
+    if policy.ndim != 3 or policy.shape != reference.shape:
+        raise ValueError(
+            "activation_drift needs policy and reference block outputs of one [blocks, tokens, "
+            f"hidden] shape, got {tuple(policy.shape)} and {tuple(reference.shape)}"
+        )
+    policy = policy.float()
+    reference = reference.to(device=policy.device, dtype=torch.float32)
+    moved = torch.linalg.vector_norm(policy - reference, dim=-1).mean(dim=-1)
+    size = torch.linalg.vector_norm(reference, dim=-1).mean(dim=-1)
+    return torch.where(moved == 0, torch.zeros_like(moved), moved / size)
+
+
+def drift_scalars(drift: Tensor) -> dict[str, float]:
+    """``{"spinal/drift/L{ii}": value}`` for a ``[L]`` drift, as Python floats.
+
+    Block indices are zero-padded to 2 digits, or to the digits of ``L`` when ``L >= 100``, so the
+    tags sort in depth order.
+    """
+    width = max(2, len(str(drift.numel())))
+    values = drift.detach().float().cpu().tolist()
+    return {f"{DRIFT_PREFIX}/L{layer:0{width}d}": value for layer, value in enumerate(values)}
+
+
+def encode_activations(activations: Tensor) -> dict[str, Any]:
+    """A float32 tensor as JSON types: its shape and its little-endian bytes in base64 (exact,
+    and about a quarter of the size of nested lists)."""
+    array = activations.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return {
+        "shape": list(array.shape),
+        "dtype": "float32",
+        "base64": base64.b64encode(array.astype("<f4").tobytes()).decode("ascii"),
+    }
+
+
+def decode_activations(encoded: dict[str, Any]) -> Tensor:
+    """The float32 CPU tensor ``encode_activations`` encoded.
+
+    Raises:
+        ValueError: the dtype is not float32 or the byte count does not match the shape.
+    """
+    shape = [int(size) for size in encoded["shape"]]
+    if encoded.get("dtype") != "float32":
+        raise ValueError(f"stored activations must be float32, got {encoded.get('dtype')!r}")
+    data = base64.b64decode(encoded["base64"])
+    if len(data) != 4 * int(np.prod(shape)):
+        raise ValueError(
+            f"stored activations hold {len(data)} bytes, expected {4 * int(np.prod(shape))} for "
+            f"float32 of shape {shape}; the state is corrupted"
+        )
+    array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+    return torch.from_numpy(array)
