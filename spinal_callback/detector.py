@@ -47,6 +47,8 @@ MIN_CHANGES = 8
 """Fewer earlier changes than this give too noisy a MAD to score a new change against."""
 LOSS_KEYS = ("loss", "train/loss", "train_loss", "train_loss_step", "loss_step")
 """Names the training loss is logged under (HF/TRL first, then common Lightning names)."""
+SUMMARY_KEY = "train_runtime"
+"""Present in HF's end-of-training summary, whose ``train_loss`` is the run's mean loss."""
 NON_FINITE_WATCHED = ("loss", "rewards/", "logps/")
 """Logged keys containing one of these must stay finite."""
 LOSS_NOISE_FLOOR = 0.01
@@ -129,7 +131,7 @@ class RampMonitor:
         if broken:
             return [self._non_finite_loss_alert(step, broken)]
         loss = next((float(logs[key]) for key in LOSS_KEYS if key in logs), None)
-        if loss is None:
+        if loss is None or SUMMARY_KEY in logs:
             return []
         window, self.losses = self.losses, [*self.losses, loss][-self.config.loss_window :]
         z_limit = self.config.loss_spike_z

@@ -233,6 +233,8 @@ def test_logs_without_a_loss_are_ignored_and_the_spike_rule_can_be_off() -> None
     monitor = RampMonitor(SpinalConfig(loss_spike_z=None, patience=1))
     feed_losses(monitor, noisy_losses(30))
     assert monitor.update_logs(31, {"eval_accuracy": 0.5}) == []
+    assert monitor.update_logs(31, {"train_loss": 9.0, "train_runtime": 12.0}) == []
+    assert 9.0 not in monitor.losses
     assert feed_losses(monitor, [5.0, 5.0], start=32) == []
 
 
