@@ -95,6 +95,7 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
             [high - v for v, (_, high) in zip(values, bounds)],
         ]
         left.errorbar(layers, values, yerr=errors, fmt=style, capsize=3, label=label)
+    left.set_xticks(layers[:: max(1, len(layers) // 16)])
     left.axhline(0.0, color="grey", linewidth=0.8)
     left.set(
         title=f"share of the margin gain ({result.pairs} pairs)",
@@ -105,6 +106,8 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
         right.plot(recovery.ranks, recovery.recovered, marker="o", label=f"block {recovery.layer}")
     right.axhline(0.9, color="grey", linestyle=":", linewidth=0.8)
     right.set_xscale("log", base=2)
+    ranks = sorted({k for recovery in result.low_rank for k in recovery.ranks})
+    right.set_xticks(ranks, [str(k) for k in ranks])
     right.set(title="low-rank patch", xlabel="rank k", ylabel="share of the block's effect")
     for axis in (left, right):
         axis.grid(alpha=0.3)
