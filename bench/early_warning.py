@@ -336,7 +336,7 @@ def records_order(records: list[RunRecord]) -> Callable[[str], int]:
 
 def print_tables(table: dict[str, dict[str, Any]]) -> None:
     def lead(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
+        return "-" if value is None else f"{value:g}"
 
     print(f"{'detector':30}{'detected':>10}{'false alarms':>14}{'median lead':>13}")
     for name, row in table.items():
