@@ -40,11 +40,10 @@ from torch import Tensor, nn
 
 from spinal_callback.model_access import resolve_model_parts
 from spinal_callback.pairs import SIDES, collate_pairs
+from spinal_callback.patching import PatchRunner
 
 MIN_LOW_RANK_GAIN = 0.05
 """Blocks whose own share of the effect is below this get no low-rank analysis."""
-Patch = Callable[[int, Tensor], Tensor]
-"""``(block index, base block output [2b, t, d]) -> replacement``."""
 
 
 @dataclass
@@ -187,7 +186,7 @@ def localize(
         ValueError: mismatched models, no pairs, bad settings, or a tuned model that does not
             move the mean margin (nothing to localize).
     """
-    _check_settings(pairs, batch_size, top_layers, bootstrap, confidence)
+    _check_settings(pairs, batch_size, top_layers, bootstrap, confidence, ranks)
     base_blocks = list(resolve_model_parts(base, blocks_path).blocks)
     tuned_blocks = list(resolve_model_parts(tuned, blocks_path).blocks)
     if len(base_blocks) != len(tuned_blocks):
@@ -195,12 +194,15 @@ def localize(
             f"the base model has {len(base_blocks)} blocks and the tuned one "
             f"{len(tuned_blocks)}; localize compares two checkpoints of one architecture"
         )
+    width = _matching_width(base, tuned)
+    if width is not None:
+        _check_ranks(ranks, width)
     batches = [
         collate_pairs(tokenizer, list(pairs[i : i + batch_size]))
         for i in range(0, len(pairs), batch_size)
     ]
     _check_context(base, batches, batch_size)
-    runner = _Runner(base, tuned, base_blocks, tuned_blocks, all_tokens)
+    runner = PatchRunner(base, tuned, base_blocks, tuned_blocks, all_tokens)
     count = len(base_blocks)
     with _progress(len(batches) * (count + 2), "patching", progress) as tick:
         measured = [runner.patch_every_block(batch, tick) for batch in batches]
@@ -218,17 +220,20 @@ def localize(
         m_base, m_tuned, m_patched, bootstrap, confidence, seed
     )
     ranking = sorted(range(count), key=lambda layer: -gain[layer])
-    width = runner.width
-    rank_list = sorted(set(ranks)) if ranks else _default_ranks(width)
-    if any(k < 1 or k > width for k in rank_list):
-        raise ValueError(f"ranks must lie in [1, {width}] (the hidden width), got {rank_list}")
+    rank_list = _check_ranks(ranks, runner.width)
     patching_forwards = runner.forwards
     chosen = [layer for layer in ranking[:top_layers] if gain[layer] >= MIN_LOW_RANK_GAIN]
     low_rank = []
     if chosen:
         total = len(batches) * (4 + len(chosen) * len(rank_list))
         with _progress(total, "low rank", progress) as tick:
-            low_rank = runner.low_rank(batches, chosen, rank_list, m_patched, m_base, tick)
+            bases = runner.delta_directions(batches, chosen, tick)
+            directions = {layer: vectors for layer, (vectors, _) in bases.items()}
+            margins = runner.low_rank_margins(batches, directions, rank_list, tick)
+        low_rank = [
+            _recovery(layer, rank_list, margins[layer], m_patched[layer], m_base, bases[layer][1])
+            for layer in chosen
+        ]
     return Localization(
         layers=list(range(count)),
         pairs=len(pairs),
@@ -261,6 +266,7 @@ def _check_settings(
     top_layers: int,
     bootstrap: int,
     confidence: float,
+    ranks: Sequence[int] | None,
 ) -> None:
     if not pairs:
         raise ValueError("localize needs at least one preference pair")
@@ -271,6 +277,59 @@ def _check_settings(
         )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if ranks is not None and (not ranks or min(ranks) < 1):
+        raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+
+
+def _matching_width(base: nn.Module, tuned: nn.Module) -> int | None:
+    """The hidden width both configs declare (``None`` if they declare none); ``ValueError``
+    when the widths or vocabularies differ."""
+    sizes = []
+    for model in (base, tuned):
+        config = getattr(model, "config", None)
+        width = next(
+            (
+                value
+                for name in ("hidden_size", "n_embd", "d_model")
+                if isinstance(value := getattr(config, name, None), int)
+            ),
+            None,
+        )
+        sizes.append((width, getattr(config, "vocab_size", None)))
+    (base_width, base_vocab), (tuned_width, tuned_vocab) = sizes
+    if base_width != tuned_width or base_vocab != tuned_vocab:
+        raise ValueError(
+            f"the base model has width {base_width} and vocabulary {base_vocab}, the tuned one "
+            f"{tuned_width} and {tuned_vocab}; localize compares two checkpoints of one "
+            "architecture"
+        )
+    return base_width
+
+
+def _check_ranks(ranks: Sequence[int] | None, width: int) -> list[int]:
+    """``ranks`` sorted (default 1, 2, 4, ..., ``width``); ``ValueError`` beyond the width."""
+    rank_list = sorted(set(ranks)) if ranks else _default_ranks(width)
+    if any(k < 1 or k > width for k in rank_list):
+        raise ValueError(f"ranks must lie in [1, {width}] (the hidden width), got {rank_list}")
+    return rank_list
+
+
+def _recovery(
+    layer: int,
+    ranks: list[int],
+    margins: dict[int, Tensor],
+    m_full: Tensor,
+    m_base: Tensor,
+    shares: Tensor,
+) -> LowRankRecovery:
+    """Share of block ``layer``'s full patch effect recovered at each rank."""
+    full = float((m_full - m_base).mean())
+    return LowRankRecovery(
+        layer=layer,
+        ranks=list(ranks),
+        recovered=[float((margins[k] - m_base).mean()) / full if full else math.nan for k in ranks],
+        energy=[float(shares[:k].sum()) for k in ranks],
+    )
 
 
 def _check_context(model: nn.Module, batches: list[dict[str, Tensor]], batch_size: int) -> None:
@@ -291,214 +350,6 @@ def _check_context(model: nn.Module, batches: list[dict[str, Tensor]], batch_siz
 def _default_ranks(width: int) -> list[int]:
     ranks = [2**i for i in range(int(math.log2(width)) + 1)]
     return ranks if ranks[-1] == width else [*ranks, width]
-
-
-@dataclass
-class _Patched:
-    base: Tensor  # [b] float64
-    tuned: Tensor  # [b] float64
-    patched: Tensor  # [L, b] float64
-    distances: Tensor  # [b, L] float64
-
-
-class _Runner:
-    """Forwards of the two models with cached block outputs and patch hooks."""
-
-    def __init__(
-        self,
-        base: nn.Module,
-        tuned: nn.Module,
-        base_blocks: list[nn.Module],
-        tuned_blocks: list[nn.Module],
-        all_tokens: bool,
-    ) -> None:
-        self.base, self.tuned = base, tuned
-        self.base_blocks, self.tuned_blocks = base_blocks, tuned_blocks
-        self.all_tokens = all_tokens
-        self.width = 0
-        self.forwards = 0
-
-    def patch_every_block(self, batch: dict[str, Tensor], tick: Callable[[], None]) -> _Patched:
-        """``L + 2`` forwards: base and tuned (caching every block output), then each patch."""
-        inputs = _sides_stacked(batch)
-        positions = _patch_positions(inputs, self.all_tokens)
-        base_margin, base_states = self._forward(self.base, inputs, self.base_blocks)
-        tick()
-        tuned_margin, tuned_states = self._forward(self.tuned, inputs, self.tuned_blocks)
-        tick()
-        self.width = base_states[0].shape[-1]
-        patched = []
-        for layer, tuned_state in enumerate(tuned_states):
-            replacement = tuned_state.to(base_states[layer].device, base_states[layer].dtype)
-            patch = _replace_at(positions, replacement)
-            patched.append(self._margin(self.base, inputs, {layer: patch}))
-            tick()
-        distances = torch.stack(
-            [
-                _pair_distance(b, t.to(b.device, b.dtype), positions)
-                for b, t in zip(base_states, tuned_states)
-            ],
-            dim=1,
-        )
-        return _Patched(base_margin, tuned_margin, torch.stack(patched), distances)
-
-    def low_rank(
-        self,
-        batches: list[dict[str, Tensor]],
-        layers: list[int],
-        ranks: list[int],
-        m_patched: Tensor,
-        m_base: Tensor,
-        tick: Callable[[], None],
-    ) -> list[LowRankRecovery]:
-        """Principal directions of each layer's delta (one pass), then rank-k patches."""
-        grams = {
-            layer: torch.zeros(self.width, self.width, dtype=torch.float64) for layer in layers
-        }
-        for batch in batches:
-            inputs = _sides_stacked(batch)
-            positions = _patch_positions(inputs, self.all_tokens)
-            for layer, delta in self._deltas(inputs, layers).items():
-                rows = delta[positions.to(delta.device)].double().cpu()
-                grams[layer] += rows.T @ rows
-            tick()
-            tick()
-        bases = {layer: _principal_directions(gram) for layer, gram in grams.items()}
-        changes: dict[int, dict[int, list[Tensor]]] = {
-            layer: {k: [] for k in ranks} for layer in layers
-        }
-        for batch in batches:
-            inputs = _sides_stacked(batch)
-            positions = _patch_positions(inputs, self.all_tokens)
-            deltas = self._deltas(inputs, layers)
-            tick()
-            tick()
-            for layer in layers:
-                directions, _ = bases[layer]
-                delta = deltas[layer]
-                for k in ranks:
-                    top = directions[:, :k].to(delta.device, delta.dtype)
-                    patch = _add_at(positions, (delta @ top) @ top.T)
-                    changes[layer][k].append(self._margin(self.base, inputs, {layer: patch}))
-                    tick()
-        results = []
-        for layer in layers:
-            _, energy = bases[layer]
-            full = float((m_patched[layer] - m_base).mean())
-            recovered = [
-                float((torch.cat(changes[layer][k]) - m_base).mean()) / full if full else math.nan
-                for k in ranks
-            ]
-            results.append(
-                LowRankRecovery(
-                    layer=layer,
-                    ranks=list(ranks),
-                    recovered=recovered,
-                    energy=[float(energy[:k].sum()) for k in ranks],
-                )
-            )
-        return results
-
-    def _deltas(self, inputs: dict[str, Tensor], layers: list[int]) -> dict[int, Tensor]:
-        """``h_tuned - h_base`` at the given blocks' outputs, ``[2b, t, d]`` on the base device."""
-        _, base_states = self._forward(self.base, inputs, self.base_blocks, layers)
-        _, tuned_states = self._forward(self.tuned, inputs, self.tuned_blocks, layers)
-        return {
-            layer: tuned_states[i].to(base_states[i].device, base_states[i].dtype) - base_states[i]
-            for i, layer in enumerate(layers)
-        }
-
-    def _forward(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Tensor],
-        blocks: list[nn.Module],
-        layers: Sequence[int] | None = None,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Pair margins ``[b]`` and the outputs ``[2b, t, d]`` of ``layers`` (default all)."""
-        wanted = list(range(len(blocks))) if layers is None else list(layers)
-        states: dict[int, Tensor] = {}
-
-        def keep(index: int, output: Tensor) -> Tensor:
-            states[index] = output
-            return output
-
-        margin = self._margin(model, inputs, dict.fromkeys(wanted, keep), blocks)
-        return margin, [states[layer] for layer in wanted]
-
-    def _margin(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Tensor],
-        patches: dict[int, Patch],
-        blocks: list[nn.Module] | None = None,
-    ) -> Tensor:
-        """One forward of ``model`` with ``patches`` on block outputs; pair margins ``[b]``."""
-        blocks = self.base_blocks if blocks is None else blocks
-        device = next(model.parameters()).device
-        on_device = {key: value.to(device) for key, value in inputs.items()}
-        self.forwards += 1
-        with _block_hooks(blocks, patches), _eval_mode(model), torch.no_grad():
-            logits = model(
-                input_ids=on_device["ids"], attention_mask=on_device["attention"], use_cache=False
-            ).logits
-        logps = _reply_logps(logits, on_device["ids"], on_device["response"])
-        half = logps.shape[0] // 2
-        return (logps[:half] - logps[half:]).double().cpu()
-
-
-def _replace_at(positions: Tensor, replacement: Tensor) -> Patch:
-    """A patch that puts ``replacement`` ``[2b, t, d]`` at ``positions`` ``[2b, t]``."""
-
-    def patch(index: int, output: Tensor) -> Tensor:
-        return torch.where(positions.to(output.device)[..., None], replacement, output)
-
-    return patch
-
-
-def _add_at(positions: Tensor, change: Tensor) -> Patch:
-    """A patch that adds ``change`` ``[2b, t, d]`` at ``positions`` ``[2b, t]``."""
-
-    def patch(index: int, output: Tensor) -> Tensor:
-        mask = positions.to(output.device)[..., None]
-        return torch.where(mask, output + change.to(output.dtype), output)
-
-    return patch
-
-
-def _sides_stacked(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``ids``/``attention``/``response`` ``[2b, t]``: the chosen rows, then the rejected."""
-    return {
-        key: torch.cat([batch[f"{side}_{key}"] for side in SIDES])
-        for key in ("ids", "attention", "response")
-    }
-
-
-def _patch_positions(inputs: dict[str, Tensor], all_tokens: bool) -> Tensor:
-    """bool ``[2b, t]``: the positions whose outputs predict a reply token (or every token)."""
-    if all_tokens:
-        return inputs["attention"].bool()
-    positions = torch.zeros_like(inputs["response"], dtype=torch.bool)
-    positions[:, :-1] = inputs["response"][:, 1:].bool()
-    return positions
-
-
-def _reply_logps(logits: Tensor, ids: Tensor, response: Tensor) -> Tensor:
-    """Summed reply-token log-probs ``[2b]`` (float32, nats) from logits ``[2b, t, V]``."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = logps.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token * response[:, 1:]).sum(dim=-1)
-
-
-def _pair_distance(base: Tensor, tuned: Tensor, positions: Tensor) -> Tensor:
-    """Per pair, mean L2 distance ``||h_tuned - h_base||`` over both sides' patched positions;
-    ``[b]`` float64."""
-    mask = positions.to(base.device)
-    norms = (tuned.float() - base.float()).norm(dim=-1) * mask
-    per_row = norms.sum(dim=-1).double()
-    counts = mask.sum(dim=-1).double()
-    half = per_row.shape[0] // 2
-    return ((per_row[:half] + per_row[half:]) / (counts[:half] + counts[half:]).clamp_min(1)).cpu()
 
 
 def _patch_effects(
@@ -545,6 +396,7 @@ def sparse_attribution(distances: Tensor, gains: Tensor, seed: int = 0) -> Spars
         return None
     try:
         from sklearn.linear_model import LassoCV
+        from sklearn.model_selection import KFold
         from sklearn.preprocessing import StandardScaler
     except ImportError as error:
         raise ImportError(
@@ -552,7 +404,7 @@ def sparse_attribution(distances: Tensor, gains: Tensor, seed: int = 0) -> Spars
         ) from error
     features = StandardScaler().fit_transform(distances.numpy())
     target = gains.numpy()
-    folds = min(5, distances.shape[0])
+    folds = KFold(min(5, distances.shape[0]), shuffle=True, random_state=seed)
     fit = LassoCV(cv=folds, random_state=seed, max_iter=20000).fit(features, target)
     coefficients = [float(c) for c in fit.coef_]
     selected = sorted(
@@ -564,48 +416,6 @@ def sparse_attribution(distances: Tensor, gains: Tensor, seed: int = 0) -> Spars
         coefficients=coefficients,
         selected=selected,
     )
-
-
-def _principal_directions(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvectors of ``gram`` ``[d, d]`` by decreasing eigenvalue (columns), and each
-    direction's share of the total energy."""
-    values, vectors = torch.linalg.eigh(gram)
-    order = torch.argsort(values, descending=True)
-    values = values[order].clamp_min(0)
-    total = values.sum()
-    shares = values / total if total > 0 else torch.zeros_like(values)
-    return vectors[:, order], shares
-
-
-@contextmanager
-def _block_hooks(blocks: list[nn.Module], patches: dict[int, Patch]) -> Iterator[None]:
-    """Forward hooks that pass each patched block's hidden-state output through its patch."""
-
-    def hook_for(index: int, patch: Patch) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if isinstance(output, (tuple, list)):
-                return type(output)([patch(index, output[0]), *output[1:]])
-            return patch(index, output)
-
-        return hook
-
-    handles = [blocks[i].register_forward_hook(hook_for(i, p)) for i, p in patches.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    training = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in training.items():
-            module.train(mode)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
@@ -90,9 +91,10 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
         (result.effect, result.effect_ci, "effect (residual patched at block)", "o-"),
         (result.gain, result.gain_ci, "gain (block's own share)", "s--"),
     ):
+        # A percentile interval of a ratio may exclude its own point estimate by a hair.
         errors = [
-            [v - low for v, (low, _) in zip(values, bounds)],
-            [high - v for v, (_, high) in zip(values, bounds)],
+            [_bar(v - low) for v, (low, _) in zip(values, bounds)],
+            [_bar(high - v) for v, (_, high) in zip(values, bounds)],
         ]
         left.errorbar(layers, values, yerr=errors, fmt=style, capsize=3, label=label)
     left.set_xticks(layers[:: max(1, len(layers) // 16)])
@@ -118,3 +120,8 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
+
+
+def _bar(length: float) -> float:
+    """An error-bar length matplotlib accepts: non-negative and finite."""
+    return length if math.isfinite(length) and length > 0 else 0.0

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from spinal_callback.cli import main
 from spinal_callback.localize import Localization, localize, sparse_attribution
 from spinal_callback.pairs import collate_pairs, load_pairs, response_logps
+from spinal_callback.patching import PatchRunner
 from spinal_callback.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     make_preference_pairs,
@@ -218,7 +219,18 @@ def test_a_pair_longer_than_the_context_is_rejected_before_any_forward(
         localize(base, base, task_tokenizer, too_long, progress=False)
 
 
-def test_ranks_beyond_the_width_are_rejected(
+@pytest.fixture
+def no_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if localize runs any forward."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("localize ran a forward before rejecting its input")
+
+    monkeypatch.setattr(PatchRunner, "_margin", forbidden)
+
+
+@pytest.mark.usefixtures("no_forward")
+def test_ranks_beyond_the_width_are_rejected_before_any_forward(
     base: PreTrainedModel,
     one_block_tuned: PreTrainedModel,
     task_tokenizer: PreTrainedTokenizerFast,
@@ -226,6 +238,17 @@ def test_ranks_beyond_the_width_are_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=r"ranks must lie in \[1, 64\]"):
         localize(base, one_block_tuned, task_tokenizer, pairs[:4], ranks=[1, 128], progress=False)
+    with pytest.raises(ValueError, match="ranks must be positive"):
+        localize(base, one_block_tuned, task_tokenizer, pairs[:4], ranks=[0, 2], progress=False)
+
+
+@pytest.mark.usefixtures("no_forward")
+def test_models_of_different_width_are_rejected_before_any_forward(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    wider = build_tiny_model("llama", vocab_size=len(task_tokenizer), hidden=96, layers=BLOCKS)
+    with pytest.raises(ValueError, match=r"width 64 and vocabulary \d+, the tuned one 96"):
+        localize(base, wider, task_tokenizer, pairs[:4], progress=False)
 
 
 def test_lasso_selects_the_layer_whose_distance_explains_the_gain() -> None:
