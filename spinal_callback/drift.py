@@ -16,10 +16,13 @@ and against which reference.
 from __future__ import annotations
 
 import base64
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from spinal_callback.model_access import ModelParts, resolve_model_parts
@@ -34,8 +37,9 @@ from spinal_callback.probe import (
 
 DRIFT_PREFIX = "spinal/drift"
 DRIFT_TOKENS = 64
-"""Probe tokens the drift averages over: enough for a mean of norms, and few enough that a
-cached reference (``blocks x tokens x hidden`` float32) stays small in a checkpoint."""
+"""Probe tokens the drift averages over: enough for a mean of norms. A cached policy snapshot is
+``blocks x tokens x hidden`` float32 (8 MiB for 16 blocks of width 2048), so the session keeps
+it in a safetensors file next to the event log and puts only its path and hash in checkpoints."""
 
 
 def block_outputs(
@@ -140,3 +144,30 @@ def decode_activations(encoded: dict[str, Any]) -> Tensor:
         )
     array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
     return torch.from_numpy(array)
+
+
+def save_activations(path: str | Path, activations: Tensor) -> str:
+    """Write float32 ``activations`` to a safetensors file (atomically); returns its sha256."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    tensor = activations.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    save_file({"activations": tensor}, str(partial))
+    partial.replace(target)
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def load_activations(path: str | Path, sha256: str) -> Tensor:
+    """Read what ``save_activations`` wrote.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file's sha256 differs from ``sha256`` (changed or corrupted).
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no stored drift reference at {source}")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{source} has changed since it was saved (sha256 {digest[:12]}...)")
+    return load_file(str(source))["activations"]

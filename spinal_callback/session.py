@@ -28,6 +28,8 @@ from spinal_callback.drift import (
     decode_activations,
     drift_scalars,
     encode_activations,
+    load_activations,
+    save_activations,
 )
 from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import ModelParts, peft_model_in
@@ -107,6 +109,8 @@ class ProbeSession:
         self.drift_fingerprint: str | None = None
         self.drift_reference: Tensor | None = None
         self.drift_reference_is_snapshot = False
+        self.drift_reference_path: Path | None = None
+        self.drift_reference_sha256: str | None = None
         self.drift_reference_fingerprint: str | None = None
         self.last_drift: Tensor | None = None
 
@@ -140,6 +144,8 @@ class ProbeSession:
         left by the interrupted run are hidden.
         """
         self.board = board
+        suffix = "" if distributed.rank() == 0 else f".rank{distributed.rank()}"
+        self.drift_reference_path = Path(log_dir) / f"spinal_drift_reference{suffix}.safetensors"
         if board is not None and self.config.drift_every is not None:
             board.chart_drift()
         main_log = Path(self.config.event_log or Path(log_dir) / "spinal_events.jsonl")
@@ -244,15 +250,19 @@ class ProbeSession:
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: schedule position, history, references, failure flag.
 
-        The drift reference (float32 ``[blocks, tokens, hidden]``, base64) is stored only when
-        it is a snapshot of the policy; a reference model is measured again after a resume.
+        The drift reference (float32 ``[blocks, tokens, hidden]``) is kept only when it is a
+        snapshot of the policy (a reference model is measured again after a resume): as the path
+        and sha256 of its safetensors file beside the event log, or inline as base64 when the
+        session has no log directory.
         """
         drift_reference = None
         if self.drift_reference is not None and self.drift_reference_is_snapshot:
-            drift_reference = {
-                "fingerprint": self.drift_reference_fingerprint,
-                **encode_activations(self.drift_reference),
-            }
+            stored = (
+                {"file": str(self.drift_reference_path), "sha256": self.drift_reference_sha256}
+                if self.drift_reference_sha256 is not None
+                else encode_activations(self.drift_reference)
+            )
+            drift_reference = {"fingerprint": self.drift_reference_fingerprint, **stored}
         return {
             "version": STATE_VERSION,
             "last_probe_step": self.last_probe_step,
@@ -279,12 +289,18 @@ class ProbeSession:
         if "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
         self.probes_run = int(state.get("probes_run", len(self.history)))
-        drift_reference = state.get("drift_reference")
-        self.drift_reference = decode_activations(drift_reference) if drift_reference else None
+        self._load_drift_reference(state.get("drift_reference") or {})
+
+    def _load_drift_reference(self, entry: dict[str, Any]) -> None:
+        """Restore a stored policy-snapshot drift reference (``state_dict``'s entry)."""
+        self.drift_reference = _stored_reference(entry) if entry else None
         self.drift_reference_is_snapshot = self.drift_reference is not None
-        self.drift_reference_fingerprint = (
-            drift_reference.get("fingerprint") if drift_reference else None
-        )
+        if self.drift_reference is None:
+            return
+        self.drift_reference_fingerprint = entry.get("fingerprint")
+        if "file" in entry:
+            self.drift_reference_path = Path(entry["file"])
+            self.drift_reference_sha256 = entry["sha256"]
 
     def _reference_trace(self, model: nn.Module, step: int) -> DepthTrace | None:
         """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""
@@ -336,6 +352,11 @@ class ProbeSession:
             self.drift_reference_is_snapshot = reference is None
             self.drift_reference = (policy if reference is None else reference).cpu()
             self.drift_reference_fingerprint = self.drift_fingerprint
+            self.drift_reference_sha256 = None
+            if self.drift_reference_is_snapshot and self.drift_reference_path is not None:
+                self.drift_reference_sha256 = save_activations(
+                    self.drift_reference_path, self.drift_reference
+                )
         return self.drift_reference
 
     def _reference_block_outputs(self, model: nn.Module) -> Tensor | None:
@@ -402,6 +423,18 @@ def _probe_alert(step: int, message: str) -> Alert:
 def _release_cached_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _stored_reference(entry: dict[str, Any]) -> Tensor | None:
+    """The drift reference a state points at (file) or holds (base64); ``None``, with a
+    warning, when its file is gone or changed: the next drift probe measures a new one."""
+    if "file" not in entry:
+        return decode_activations(entry)
+    try:
+        return load_activations(entry["file"], entry["sha256"])
+    except (FileNotFoundError, ValueError) as error:
+        logger.warning("spinal-callback: %s; drift is measured against a new reference", error)
+        return None
 
 
 def _tokens_fingerprint(batch: ProbeBatch, token_index: Tensor) -> str:

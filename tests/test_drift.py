@@ -492,3 +492,34 @@ def test_lightning_callback_writes_drift_of_every_block(
     for tag in DRIFT_TAGS:
         values = [event.value for event in events.Scalars(tag)]
         assert values[0] == pytest.approx(0.0, abs=1e-6) and values[-1] > 0
+
+
+def test_a_snapshot_reference_lives_in_a_file_beside_the_event_log_not_in_the_state(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = make_model("llama", layers=4)
+    first = make_session(policy, tokenizer, probe_texts, drift_every=1)
+    first.attach_outputs(None, str(tmp_path))
+    first.probe_at(policy, 0)
+    state = json.loads(json.dumps(first.state_dict()))
+    stored = state["drift_reference"]
+    assert set(stored) == {"fingerprint", "file", "sha256"}
+    assert Path(stored["file"]) == tmp_path / "spinal_drift_reference.safetensors"
+    perturb_mlp(policy, block=1)
+    first.probe_at(policy, 1)
+    resumed = make_session(policy, tokenizer, probe_texts, drift_every=1)
+    resumed.load_state_dict(state)
+    resumed.probe_at(policy, 1)
+    assert resumed.last_drift is not None and first.last_drift is not None
+    assert torch.equal(resumed.last_drift, first.last_drift)
+
+    Path(stored["file"]).write_bytes(b"not the saved tensor")
+    changed = make_session(policy, tokenizer, probe_texts, drift_every=1)
+    with caplog.at_level(logging.WARNING, logger="spinal_callback"):
+        changed.load_state_dict(state)
+    assert "has changed since it was saved" in caplog.text
+    assert changed.drift_reference is None
