@@ -246,16 +246,19 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
 
 
 class LossJumpsAt(TinyDPOModule):
-    """Logs a steady ``train/loss`` that jumps to 5.0 from optimizer step ``step`` on."""
+    """Logs a ``train/loss`` near 0.5 that jumps to near 5.0 from optimizer step ``step`` on
+    (``wobble=False``: exactly 0.5 then exactly 5.0, as an epoch-level metric would sit)."""
 
-    def __init__(self, *args: Any, step: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, step: int, wobble: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.jump_step = step
+        self.wobble = wobble
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
         jumped = self.global_step + 1 >= self.jump_step
-        self.log("train/loss", 5.0 if jumped else 0.5 + 0.01 * (batch_idx % 3))
+        wobble = 0.01 * (batch_idx % 3)
+        self.log("train/loss", (5.0 if jumped else 0.5) + (wobble if self.wobble else 0.0))
         return loss
 
 
@@ -278,3 +281,20 @@ def test_a_sustained_loss_spike_in_the_logged_metrics_stops_training(
     ]
     assert trainer.global_step == 9
     assert (tmp_path / "checkpoints" / "spinal-stop-step=9.ckpt").is_file()
+
+
+def test_a_metric_that_does_not_change_between_reads_is_not_scored_again(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    probe_texts: list[str],
+) -> None:
+    module = LossJumpsAt(make_model("llama", layers=4), tokenizer, step=8, wobble=False)
+    alerts: list[Any] = []
+    callback = SpinalCallback(
+        probe_texts=probe_texts, every_n_steps=100, loss_window=3, on_alert=alerts.append
+    )
+    trainer = make_trainer(tmp_path, [callback], max_steps=12, enable_checkpointing=False)
+    trainer.fit(module, pair_batches())
+    assert trainer.global_step == 12
+    assert not any(a.level == "critical" for a in alerts)

@@ -65,6 +65,7 @@ class SpinalCallback(pl.Callback):
         self.session = ProbeSession(self.config, probe_texts, on_alert)
         self._own_writer: Any = None
         self._last_logs_step = -1
+        self._metrics_seen: dict[str, float] = {}
 
     @property
     def traces(self) -> list[Any]:
@@ -97,6 +98,7 @@ class SpinalCallback(pl.Callback):
                 self.session.attach_outputs(None, log_dir, trainer.global_step)
         if trainer.global_step == 0:
             self._probe(trainer, pl_module, 0)
+            self._stop_if_asked(trainer, 0)
 
     def on_train_batch_end(
         self,
@@ -113,7 +115,7 @@ class SpinalCallback(pl.Callback):
             self._probe(trainer, pl_module, step)
         if log_due:
             self._last_logs_step = step
-            self.session.observe_logs(step, _scalars(trainer.callback_metrics))
+            self.session.observe_logs(step, self._fresh_metrics(trainer))
         if probe_due or log_due:
             self._stop_if_asked(trainer, step)
 
@@ -143,6 +145,14 @@ class SpinalCallback(pl.Callback):
             for logger in trainer.loggers:
                 if not isinstance(logger, TensorBoardLogger):
                     logger.log_metrics(logs, step=step)
+
+    def _fresh_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The logged scalars that changed since the last read: a metric logged once per epoch
+        stays in ``callback_metrics`` unchanged and must not count as a new value each time."""
+        scalars = _scalars(trainer.callback_metrics)
+        fresh = {key: v for key, v in scalars.items() if self._metrics_seen.get(key) != v}
+        self._metrics_seen = scalars
+        return fresh
 
     def _stop_if_asked(self, trainer: pl.Trainer, step: int) -> None:
         """Save a checkpoint and stop if any rank's alerts reached ``stop_on`` (a collective:
