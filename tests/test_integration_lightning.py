@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,9 @@ def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(
     make_trainer(tmp_path, [first, checkpoints]).fit(
         TinyDPOModule(make_model("llama", layers=4), tokenizer), pair_batches()
     )
+    # TensorBoard reads event files in name order, and names carry the creation time in whole
+    # seconds: a real resume is a later process, so keep the resumed writer's file later too.
+    time.sleep(1.1)
     resumed = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
     trainer = make_trainer(tmp_path, [resumed])
     module = TinyDPOModule(make_model("llama", layers=4), tokenizer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,9 @@ def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
     output = tmp_path / "resumable"
     first = SpinalTrainerCallback(every_n_steps=4)
     make_trainer(first, output_dir=output).train()
+    # TensorBoard reads event files in name order, and names carry the creation time in whole
+    # seconds: a real resume is a later process, so keep the resumed writer's file later too.
+    time.sleep(1.1)
     resumed = SpinalTrainerCallback(every_n_steps=4)
     checkpoint = make_model("llama", layers=4)
     trainer = make_trainer(resumed, output_dir=output, model=checkpoint)
