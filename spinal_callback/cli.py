@@ -13,6 +13,8 @@ from spinal_callback.config import TRANSPORT_MEASURES, SpinalConfig
 from spinal_callback.loading import (
     DTYPES,
     checkpoint_directory,
+    is_adapter_directory,
+    load_local_adapted_model,
     load_local_model,
     load_local_tokenizer,
 )
@@ -74,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         "localize", help="patch a tuned model into its base, layer by layer, on preference pairs"
     )
     localize.add_argument("--base", required=True, help="base checkpoint directory")
-    localize.add_argument("--tuned", required=True, help="tuned checkpoint directory")
+    localize.add_argument(
+        "--tuned",
+        required=True,
+        help="tuned checkpoint directory, or a PEFT adapter directory (merged into --base)",
+    )
     localize.add_argument(
         "--pairs", required=True, help='JSONL, one {"prompt", "chosen", "rejected"} per line'
     )
@@ -132,12 +138,18 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _run_localize(args: argparse.Namespace) -> int:
-    for path in (args.base, args.tuned):
+    adapter = is_adapter_directory(args.tuned)
+    for path in (args.base,) if adapter else (args.base, args.tuned):
         checkpoint_directory(path)
     pairs = load_pairs(args.pairs)
     tokenizer = load_local_tokenizer(args.tokenizer or args.base)
     base = load_local_model(args.base, dtype=args.dtype, device=args.device)
-    tuned = load_local_model(args.tuned, dtype=args.dtype, device=args.tuned_device or args.device)
+    tuned_device = args.tuned_device or args.device
+    tuned = (
+        load_local_adapted_model(args.tuned, args.base, dtype=args.dtype, device=tuned_device)
+        if adapter
+        else load_local_model(args.tuned, dtype=args.dtype, device=tuned_device)
+    )
     for model, path in ((base, args.base), (tuned, args.tuned)):
         _check_vocabulary(model, tokenizer, path)
     result = localize(

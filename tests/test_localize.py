@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,11 +76,8 @@ def one_block_tuned(
 
 
 @pytest.fixture(scope="module")
-def rank_two_tuned(
-    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast
-) -> PreTrainedModel:
-    """DPO through a rank-2 LoRA on block 2's MLP output projection, merged: the change to
-    block 2's output lies in a 2-dimensional subspace."""
+def rank_two_adapter(base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast) -> Any:
+    """DPO through a rank-2 LoRA on block 2's MLP output projection (the PeftModel)."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(
         r=PLANTED_RANK,
@@ -90,7 +88,13 @@ def rank_two_tuned(
     )
     adapted = peft.get_peft_model(copy.deepcopy(base), config)
     dpo_train(adapted, task_tokenizer, lr=3e-2)
-    return adapted.merge_and_unload().eval().requires_grad_(False)
+    return adapted.eval()
+
+
+@pytest.fixture(scope="module")
+def rank_two_tuned(rank_two_adapter: Any) -> PreTrainedModel:
+    """The rank-2 LoRA merged: the change to block 2's output lies in a 2-dimensional subspace."""
+    return copy.deepcopy(rank_two_adapter).merge_and_unload().eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +320,30 @@ def test_cli_writes_table_json_and_figure_from_saved_checkpoints(
     report = json.loads((out / "localize.json").read_text())
     assert report["ranking"][0] == PLANTED_BLOCK and report["pairs"] == 16
     assert (out / "localize.png").stat().st_size > 0
+
+
+def test_cli_takes_a_peft_adapter_directory_as_the_tuned_model(
+    tmp_path: Path,
+    base: PreTrainedModel,
+    rank_two_adapter: Any,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base.save_pretrained(tmp_path / "base")
+    task_tokenizer.save_pretrained(tmp_path / "base")
+    rank_two_adapter.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(p) for p in pairs[:16]])
+    status = main([
+        "localize", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "adapter"),
+        "--pairs", str(pairs_file), "--out", str(tmp_path / "out"), "--bootstrap", "50",
+        "--top-layers", "0", "--no-progress",
+    ])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "localize.json").read_text())
+    assert report["ranking"][0] == PLANTED_BLOCK
+    assert report["margin_tuned"] > report["margin_base"]
 
 
 def test_cli_reports_a_missing_pairs_file_and_exits_2(
