@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     policy, tokenizer = build_policy(args)
-    train, held_out = train_eval_split(seed=args.seed)
+    # One epoch: a second pass over the same pairs over-optimizes (the held-out chosen reply
+    # loses probability), which is a failure the monitor rightly reports.
+    train, held_out = train_eval_split(train_count=args.steps * args.batch_size, seed=args.seed)
     collate = partial(collate_pairs, tokenizer)
     train_loader = DataLoader(
         list(train), batch_size=args.batch_size, shuffle=True, collate_fn=collate
@@ -149,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         )
         trainer.fit(module, train_loader, eval_loader)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    metrics["steps"] = float(trainer.global_step)
     for callback in callbacks:
         if callback.traces:
             final = callback.traces[-1].summary
@@ -175,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     metrics = run(args)
     print(f"\nTensorBoard: tensorboard --logdir {args.output_dir}/tb")
-    print(summary(metrics, args.steps))
+    print(summary(metrics, int(metrics["steps"])))
     spinal = {k.removeprefix("spinal/"): v for k, v in metrics.items() if k.startswith("spinal/")}
     if spinal:
         print("Final depth trace: " + ", ".join(f"{k} {v:.3f}" for k, v in spinal.items()))
