@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
 from spinal_callback.detector import RampMonitor
 from spinal_callback.events import Alert
-from spinal_callback.pairs import collate_pairs, response_logps
+from spinal_callback.pairs import collate_pairs, reply_logp_shifts
 from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
 from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -117,18 +117,13 @@ class StepOutputs:
 def dpo_step(
     model: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float
 ) -> StepOutputs:
-    shifts = []
-    for side in ("chosen", "rejected"):
-        args = (batch[f"{side}_ids"], batch[f"{side}_attention"], batch[f"{side}_response"])
-        with torch.no_grad():
-            ref = response_logps(reference, *args)
-        shifts.append(response_logps(model, *args) - ref)
-    margins = beta * (shifts[0] - shifts[1])
+    chosen, rejected = reply_logp_shifts(model, reference, batch)
+    margins = beta * (chosen - rejected)
     tokens = batch["chosen_response"][:, 1:].sum(dim=-1).clamp_min(1)
     return StepOutputs(
         loss=-torch.nn.functional.logsigmoid(margins).mean(),
         margins=margins.detach(),
-        chosen_shift=shifts[0].detach() / tokens,
+        chosen_shift=chosen.detach() / tokens,
     )
 
 

@@ -40,3 +40,12 @@ def build_policy(args: argparse.Namespace) -> tuple[Any, Any]:
         "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=args.seed
     )
     return model, tokenizer
+
+
+def print_report(log_dir: object, summary: str, metrics: dict[str, float]) -> None:
+    """The TensorBoard command, the recipe's summary and the final depth-trace summaries."""
+    print(f"\nTensorBoard: tensorboard --logdir {log_dir}")
+    print(summary)
+    spinal = {k.removeprefix("spinal/"): v for k, v in metrics.items() if k.startswith("spinal/")}
+    if spinal:
+        print("Final depth trace: " + ", ".join(f"{k} {v:.3f}" for k, v in spinal.items()))

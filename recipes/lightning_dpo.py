@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from recipes.common import build_policy, training_arguments
+from recipes.common import build_policy, print_report, training_arguments
 from spinal_callback.pairs import KEYS, SIDES, collate_pairs, response_logps
 from spinal_callback.preference_data import train_eval_split
 
@@ -177,11 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the recipe and print the TensorBoard command and a summary; returns the exit code."""
     args = parse_args(argv)
     metrics = run(args)
-    print(f"\nTensorBoard: tensorboard --logdir {args.output_dir}/tb")
-    print(summary(metrics, int(metrics["steps"])))
-    spinal = {k.removeprefix("spinal/"): v for k, v in metrics.items() if k.startswith("spinal/")}
-    if spinal:
-        print("Final depth trace: " + ", ".join(f"{k} {v:.3f}" for k, v in spinal.items()))
+    print_report(f"{args.output_dir}/tb", summary(metrics, int(metrics["steps"])), metrics)
     return 0
 
 

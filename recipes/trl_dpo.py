@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from recipes.common import build_policy, training_arguments
+from recipes.common import build_policy, print_report, training_arguments
 from spinal_callback.preference_data import train_eval_split
 
 SUMMARY_KEYS = (
@@ -169,11 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     metrics = run(args)
-    print(f"\nTensorBoard: tensorboard --logdir {Path(args.output_dir) / 'runs'}")
-    print(summary(metrics, int(metrics["steps"])))
-    spinal = {k.removeprefix("spinal/"): v for k, v in metrics.items() if k.startswith("spinal/")}
-    if spinal:
-        print("Final depth trace: " + ", ".join(f"{k} {v:.3f}" for k, v in spinal.items()))
+    print_report(Path(args.output_dir) / "runs", summary(metrics, int(metrics["steps"])), metrics)
     return 0
 
 

@@ -96,3 +96,18 @@ def response_logps(model: nn.Module, ids: Tensor, attention: Tensor, response: T
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (token_logps * response[:, 1:]).sum(dim=-1)
+
+
+def reply_logp_shifts(
+    model: nn.Module, reference: nn.Module, batch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Per pair, ``model``'s summed reply log-prob minus ``reference``'s (float32 ``[b]``, nats),
+    for the chosen and the rejected reply of a ``collate_pairs`` batch. The reference runs under
+    ``torch.no_grad``; gradients flow through ``model``'s half."""
+    shifts = []
+    for side in SIDES:
+        args = (batch[f"{side}_ids"], batch[f"{side}_attention"], batch[f"{side}_response"])
+        with torch.no_grad():
+            anchor = response_logps(reference, *args)
+        shifts.append(response_logps(model, *args) - anchor)
+    return shifts[0], shifts[1]

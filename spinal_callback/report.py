@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from spinal_callback.localize import Localization
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
@@ -52,12 +53,7 @@ def format_comparison_table(traces: Mapping[str, DepthTrace]) -> str:
 
 def plot_depth_paths(traces: Mapping[str, DepthTrace], path: str | Path) -> Path:
     """Write a PNG with contraction per late layer and transport per edge, one line per trace."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = _two_panels()
     for name, trace in traces.items():
         left.plot(trace.layers, trace.contraction.tolist(), marker="o", label=name)
         edges = [(a + b) / 2 for a, b in pairwise(trace.layers)]
@@ -67,25 +63,12 @@ def plot_depth_paths(traces: Mapping[str, DepthTrace], path: str | Path) -> Path
     right.set(
         title=f"transport ({measure}, lower = smoother)", xlabel="between blocks", ylabel="distance"
     )
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    output = Path(path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=110)
-    plt.close(figure)
-    return output
+    return _save_figure(figure, (left, right), path)
 
 
 def plot_localization(result: Localization, path: str | Path) -> Path:
     """Write a PNG: patch effect and per-block gain with CIs; recovered share vs rank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = _two_panels()
     layers = result.layers
     for values, bounds, label, style in (
         (result.effect, result.effect_ci, "effect (residual patched at block)", "o-"),
@@ -111,7 +94,30 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
     ranks = sorted({k for recovery in result.low_rank for k in recovery.ranks})
     right.set_xticks(ranks, [str(k) for k in ranks])
     right.set(title="low-rank patch", xlabel="rank k", ylabel="share of the block's effect")
-    for axis in (left, right):
+    return _save_figure(figure, (left, right), path)
+
+
+def _bar(length: float) -> float:
+    """An error-bar length matplotlib accepts: non-negative and finite."""
+    return length if math.isfinite(length) and length > 0 else 0.0
+
+
+def _two_panels() -> tuple[Any, tuple[Any, Any]]:
+    """A headless (Agg) figure with two side-by-side axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return figure, (axes[0], axes[1])
+
+
+def _save_figure(figure: Any, axes: tuple[Any, ...], path: str | Path) -> Path:
+    """Grid and legend on every axis, then write ``figure`` as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
@@ -120,8 +126,3 @@ def plot_localization(result: Localization, path: str | Path) -> Path:
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
-
-
-def _bar(length: float) -> float:
-    """An error-bar length matplotlib accepts: non-negative and finite."""
-    return length if math.isfinite(length) and length > 0 else 0.0

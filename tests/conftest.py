@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
+from spinal_callback.preference_data import make_preference_pairs
 from spinal_callback.probe import ProbeBatch
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 
@@ -43,3 +47,50 @@ def probe_batch(tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]) -> P
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def make_dpo_trainer(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, make_model: Callable[..., PreTrainedModel]
+) -> Callable[..., Any]:
+    """A TRL ``DPOTrainer`` on 64 synthetic pairs (CPU, batch 8, logs every 4 steps, saves
+    every 6) with ``callback`` last among its callbacks; the reference is a copy of the policy
+    unless given (or PEFT provides it)."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+
+    def make(
+        callback: Any,
+        max_steps: int = 12,
+        model: PreTrainedModel | None = None,
+        ref_model: PreTrainedModel | None = None,
+        output_dir: Path | None = None,
+        peft_config: Any = None,
+        extra_callbacks: list[TrainerCallback] | None = None,
+        processing_class: Any = "default",
+    ) -> Any:
+        policy = model if model is not None else make_model("llama", layers=4)
+        if ref_model is None and peft_config is None:
+            ref_model = copy.deepcopy(policy)
+        args = trl.DPOConfig(
+            output_dir=str(output_dir or tmp_path / "run"),
+            max_steps=max_steps,
+            per_device_train_batch_size=8,
+            logging_steps=4,
+            save_steps=6,
+            report_to=[],
+            use_cpu=True,
+            learning_rate=1e-3,
+            disable_tqdm=True,
+        )
+        return trl.DPOTrainer(
+            model=policy,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(make_preference_pairs(64)),
+            processing_class=tokenizer if processing_class == "default" else processing_class,
+            callbacks=[*(extra_callbacks or []), callback],
+            peft_config=peft_config,
+        )
+
+    return make

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from spinal_callback.drift import (
     drift_scalars,
     encode_activations,
 )
-from spinal_callback.preference_data import make_preference_pairs
 from spinal_callback.probe import ProbeBatch
 from spinal_callback.session import ProbeSession
 from spinal_callback.tensorboard import TraceBoard, custom_scalar_layout
@@ -393,42 +393,9 @@ class LogRecorder(TrainerCallback):
         self.keys.update(logs or {})
 
 
-def dpo_trainer(
-    output_dir: Path,
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
-    callbacks: list[TrainerCallback],
-    max_steps: int,
-    save_steps: int | None = None,
-) -> Any:
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
-    args = trl.DPOConfig(
-        output_dir=str(output_dir),
-        max_steps=max_steps,
-        per_device_train_batch_size=8,
-        logging_steps=4,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        report_to=[],
-        use_cpu=True,
-        learning_rate=1e-3,
-        disable_tqdm=True,
-    )
-    return trl.DPOTrainer(
-        model=policy,
-        ref_model=reference,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(make_preference_pairs(64)),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-
-
 def test_trl_dpo_trainer_writes_drift_of_every_block_at_the_drift_probes(
     make_model: Callable[..., PreTrainedModel],
-    tokenizer: PreTrainedTokenizerFast,
+    make_dpo_trainer: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
     from spinal_callback.integrations.transformers import SpinalTrainerCallback
@@ -437,8 +404,8 @@ def test_trl_dpo_trainer_writes_drift_of_every_block_at_the_drift_probes(
     reference = copy.deepcopy(policy)
     callback = SpinalTrainerCallback(every_n_steps=2, drift_every=2, ref_model=reference)
     recorder = LogRecorder()
-    trainer = dpo_trainer(
-        tmp_path / "run", policy, reference, tokenizer, [recorder, callback], max_steps=6
+    trainer = make_dpo_trainer(
+        callback, max_steps=6, model=policy, ref_model=reference, extra_callbacks=[recorder]
     )
     trainer.train()
     assert [trace.step for trace in callback.traces] == [0, 2, 4, 6]
@@ -452,19 +419,21 @@ def test_trl_dpo_trainer_writes_drift_of_every_block_at_the_drift_probes(
 
 def test_trl_resume_keeps_the_drift_schedule_and_reference(
     make_model: Callable[..., PreTrainedModel],
-    tokenizer: PreTrainedTokenizerFast,
+    make_dpo_trainer: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
     from spinal_callback.integrations.transformers import SpinalTrainerCallback
 
     policy = make_model("llama", layers=4)
     first = SpinalTrainerCallback(every_n_steps=4, drift_every=2)
-    callbacks: list[TrainerCallback] = [first]
     reference = copy.deepcopy(policy)
-    dpo_trainer(tmp_path, policy, reference, tokenizer, callbacks, 12, save_steps=6).train()
+    make_dpo_trainer(first, model=policy, ref_model=reference, output_dir=tmp_path).train()
+    # TensorBoard orders event files by name (creation time in whole seconds): keep the resumed
+    # writer's file later, as a real resume in a later process would.
+    time.sleep(1.1)
     resumed = SpinalTrainerCallback(every_n_steps=4, drift_every=2)
     checkpoint = make_model("llama", layers=4)
-    trainer = dpo_trainer(tmp_path, checkpoint, reference, tokenizer, [resumed], 12, save_steps=6)
+    trainer = make_dpo_trainer(resumed, model=checkpoint, ref_model=reference, output_dir=tmp_path)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     assert drift_steps(read_scalars(tmp_path / "runs" / "spinal")) == {
         tag: [0, 8] for tag in DRIFT_TAGS

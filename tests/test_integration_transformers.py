@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -12,57 +11,16 @@ from typing import Any
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.preference_data import WORDS, make_preference_pairs
+from spinal_callback.preference_data import WORDS
 from spinal_callback.probe import SpinalProbe
 from spinal_callback.tensorboard import trace_scalars
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
-
-
-@pytest.fixture
-def make_trainer(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerFast, make_model: Callable[..., PreTrainedModel]
-) -> Callable[..., Any]:
-    def make(
-        callback: SpinalTrainerCallback,
-        max_steps: int = 12,
-        model: PreTrainedModel | None = None,
-        ref_model: PreTrainedModel | None = None,
-        output_dir: Path | None = None,
-        peft_config: Any = None,
-        extra_callbacks: list[TrainerCallback] | None = None,
-        processing_class: Any = "default",
-    ) -> Any:
-        policy = model if model is not None else make_model("llama", layers=4)
-        if ref_model is None and peft_config is None:
-            ref_model = copy.deepcopy(policy)
-        args = trl.DPOConfig(
-            output_dir=str(output_dir or tmp_path / "run"),
-            max_steps=max_steps,
-            per_device_train_batch_size=8,
-            logging_steps=4,
-            save_steps=6,
-            report_to=[],
-            use_cpu=True,
-            learning_rate=1e-3,
-            disable_tqdm=True,
-        )
-        return trl.DPOTrainer(
-            model=policy,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(make_preference_pairs(64)),
-            processing_class=tokenizer if processing_class == "default" else processing_class,
-            callbacks=[*(extra_callbacks or []), callback],
-            peft_config=peft_config,
-        )
-
-    return make
 
 
 def read_scalars(log_dir: Path) -> EventAccumulator:
@@ -74,18 +32,18 @@ def read_scalars(log_dir: Path) -> EventAccumulator:
 
 
 def test_probes_at_train_begin_every_n_steps_and_train_end(
-    make_trainer: Callable[..., Any],
+    make_dpo_trainer: Callable[..., Any],
 ) -> None:
     callback = SpinalTrainerCallback(every_n_steps=5)
-    make_trainer(callback, max_steps=12).train()
+    make_dpo_trainer(callback, max_steps=12).train()
     assert [trace.step for trace in callback.traces] == [0, 5, 10, 12]
 
 
 def test_tensorboard_holds_exactly_the_traces_the_callback_produced(
-    make_trainer: Callable[..., Any], tmp_path: Path
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     callback = SpinalTrainerCallback(every_n_steps=4, image_every=2)
-    make_trainer(callback).train()
+    make_dpo_trainer(callback).train()
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
     for trace in callback.traces:
         for tag, value in trace_scalars(trace).items():
@@ -98,10 +56,10 @@ def test_tensorboard_holds_exactly_the_traces_the_callback_produced(
 
 
 def test_tensorboard_shows_the_reference_beside_the_run(
-    make_trainer: Callable[..., Any], tmp_path: Path
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     callback = SpinalTrainerCallback(every_n_steps=4)
-    make_trainer(callback).train()
+    make_dpo_trainer(callback).train()
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
     reference = callback.session.reference
     assert reference is not None
@@ -111,11 +69,11 @@ def test_tensorboard_shows_the_reference_beside_the_run(
 
 
 def test_custom_scalar_layout_groups_each_score_of_the_band(
-    make_trainer: Callable[..., Any], tmp_path: Path
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    make_trainer(SpinalTrainerCallback(every_n_steps=4)).train()
+    make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4)).train()
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
     stored = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(stored)
@@ -128,12 +86,12 @@ def test_custom_scalar_layout_groups_each_score_of_the_band(
 
 
 def test_reference_is_the_trls_ref_model(
-    make_trainer: Callable[..., Any], make_model: Callable[..., PreTrainedModel]
+    make_dpo_trainer: Callable[..., Any], make_model: Callable[..., PreTrainedModel]
 ) -> None:
     policy = make_model("llama", layers=4)
     reference = make_model("llama", layers=4, seed=1)
     callback = SpinalTrainerCallback(every_n_steps=4, ref_model=reference)
-    make_trainer(callback, model=policy, ref_model=reference).train()
+    make_dpo_trainer(callback, model=policy, ref_model=reference).train()
     expected = SpinalProbe(reference, callback.session.probe.batch).run()
     assert callback.session.reference is not None
     torch.testing.assert_close(callback.session.reference.contraction, expected.contraction)
@@ -143,13 +101,13 @@ def test_reference_is_the_trls_ref_model(
 
 
 def test_lora_policy_is_traced_adapted_and_reference_with_adapters_disabled(
-    make_trainer: Callable[..., Any],
+    make_dpo_trainer: Callable[..., Any],
 ) -> None:
     from peft import LoraConfig
 
     callback = SpinalTrainerCallback(every_n_steps=6)
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
-    trainer = make_trainer(callback, peft_config=lora)
+    trainer = make_dpo_trainer(callback, peft_config=lora)
     trainer.train()
     reference, final = callback.session.reference, callback.traces[-1]
     assert reference is not None
@@ -173,25 +131,25 @@ class LogRecorder(TrainerCallback):
 
 
 def test_summaries_reach_reporting_callbacks_listed_before_it(
-    make_trainer: Callable[..., Any],
+    make_dpo_trainer: Callable[..., Any],
 ) -> None:
     recorder = LogRecorder()
-    make_trainer(SpinalTrainerCallback(every_n_steps=4), extra_callbacks=[recorder]).train()
+    make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4), extra_callbacks=[recorder]).train()
     assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
 
 
 def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
-    make_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
 ) -> None:
     output = tmp_path / "resumable"
     first = SpinalTrainerCallback(every_n_steps=4)
-    make_trainer(first, output_dir=output).train()
+    make_dpo_trainer(first, output_dir=output).train()
     # TensorBoard reads event files in name order, and names carry the creation time in whole
     # seconds: a real resume is a later process, so keep the resumed writer's file later too.
     time.sleep(1.1)
     resumed = SpinalTrainerCallback(every_n_steps=4)
     checkpoint = make_model("llama", layers=4)
-    trainer = make_trainer(resumed, output_dir=output, model=checkpoint)
+    trainer = make_dpo_trainer(resumed, output_dir=output, model=checkpoint)
     trainer.train(resume_from_checkpoint=str(output / "checkpoint-6"))
     assert [trace.step for trace in resumed.traces] == [0, 4, 8, 12]
     events = read_scalars(output / "runs" / "spinal")
@@ -201,9 +159,9 @@ def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
 
 
 def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(
-    make_trainer: Callable[..., Any],
+    make_dpo_trainer: Callable[..., Any],
 ) -> None:
-    trainer = make_trainer(SpinalTrainerCallback())
+    trainer = make_dpo_trainer(SpinalTrainerCallback())
     trainer.callback_handler.processing_class = None
     with pytest.raises(ValueError, match="needs a tokenizer"):
         trainer.train()
@@ -211,10 +169,12 @@ def test_missing_tokenizer_and_probe_texts_fails_before_the_first_step(
 
 
 def test_probe_longer_than_the_context_fails_before_the_first_step(
-    make_trainer: Callable[..., Any],
+    make_dpo_trainer: Callable[..., Any],
 ) -> None:
     long_text = " ".join(WORDS * 80)
-    trainer = make_trainer(SpinalTrainerCallback(probe_texts=[long_text], max_probe_length=1024))
+    trainer = make_dpo_trainer(
+        SpinalTrainerCallback(probe_texts=[long_text], max_probe_length=1024)
+    )
     with pytest.raises(ValueError, match="model's context is 512"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -231,7 +191,7 @@ def test_unknown_config_field_is_rejected_at_construction() -> None:
 
 
 def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
-    make_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    make_dpo_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original = SpinalProbe.run
     full_rows: list[int] = []
@@ -246,7 +206,7 @@ def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
     monkeypatch.setattr(SpinalProbe, "run", run_out_of_memory_on_full_batch)
     alerts: list[Any] = []
     callback = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
-    trainer = make_trainer(callback)
+    trainer = make_dpo_trainer(callback)
     trainer.train()
     assert trainer.state.global_step == 12
     assert [trace.step for trace in callback.traces] == [0, 4, 8, 12]
@@ -255,7 +215,7 @@ def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
 
 
 def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
-    make_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    make_dpo_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     original = SpinalProbe.run
 
@@ -267,7 +227,7 @@ def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
     monkeypatch.setattr(SpinalProbe, "run", fail_after_start)
     alerts: list[Any] = []
     callback = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
-    trainer = make_trainer(callback)
+    trainer = make_dpo_trainer(callback)
     trainer.train()
     assert trainer.state.global_step == 12
     assert [trace.step for trace in callback.traces] == [0]
@@ -290,11 +250,11 @@ class PoisonWeightsAt(TrainerCallback):
 
 
 def test_critical_alert_saves_a_checkpoint_and_stops_training(
-    make_trainer: Callable[..., Any], tmp_path: Path
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     alerts: list[Any] = []
     callback = SpinalTrainerCallback(every_n_steps=2, on_alert=alerts.append)
-    trainer = make_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
+    trainer = make_dpo_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
     trainer.train()
     assert trainer.state.global_step == 4
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
@@ -311,11 +271,11 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
 
 
 def test_non_finite_training_logs_stop_the_run_between_probes(
-    make_trainer: Callable[..., Any], tmp_path: Path
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
 ) -> None:
     alerts: list[Any] = []
     callback = SpinalTrainerCallback(every_n_steps=100, on_alert=alerts.append)
-    trainer = make_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
+    trainer = make_dpo_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(3)])
     trainer.train()
     assert trainer.state.global_step == 4  # the first logging step after the overflow
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
@@ -323,10 +283,10 @@ def test_non_finite_training_logs_stop_the_run_between_probes(
     assert alerts[0].metric.startswith("rewards/")
 
 
-def test_stop_on_none_only_warns(make_trainer: Callable[..., Any]) -> None:
+def test_stop_on_none_only_warns(make_dpo_trainer: Callable[..., Any]) -> None:
     alerts: list[Any] = []
     callback = SpinalTrainerCallback(every_n_steps=2, stop_on=None, on_alert=alerts.append)
-    trainer = make_trainer(callback, max_steps=8, extra_callbacks=[PoisonWeightsAt(4)])
+    trainer = make_dpo_trainer(callback, max_steps=8, extra_callbacks=[PoisonWeightsAt(4)])
     trainer.train()
     assert trainer.state.global_step == 8
     assert alerts and all(a.rule == "non_finite" for a in alerts)

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.cli import main
 from spinal_callback.localize import Localization, localize, sparse_attribution
-from spinal_callback.pairs import collate_pairs, load_pairs, response_logps
+from spinal_callback.pairs import collate_pairs, load_pairs, reply_logp_shifts
 from spinal_callback.patching import PatchRunner
 from spinal_callback.preference_data import (
     TOKENIZER_VOCAB_SIZE,
@@ -51,13 +51,8 @@ def dpo_train(
     model.train()
     for step in range(steps):
         batch = collate_pairs(tokenizer, make_preference_pairs(16, seed=100 + step))
-        shifts = []
-        for side in ("chosen", "rejected"):
-            args = (batch[f"{side}_ids"], batch[f"{side}_attention"], batch[f"{side}_response"])
-            with torch.no_grad():
-                anchor = response_logps(reference, *args)
-            shifts.append(response_logps(model, *args) - anchor)
-        loss = -torch.nn.functional.logsigmoid(0.1 * (shifts[0] - shifts[1])).mean()
+        chosen, rejected = reply_logp_shifts(model, reference, batch)
+        loss = -torch.nn.functional.logsigmoid(0.1 * (chosen - rejected)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -295,6 +290,25 @@ def test_pairs_are_read_from_jsonl_and_bad_lines_are_named(tmp_path: Path) -> No
         load_pairs(tmp_path / "absent.jsonl")
 
 
+def run_localize(
+    root: Path,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    tuned: str,
+    options: list[str],
+) -> int:
+    """``spinal localize`` on ``base`` (saved with its tokenizer under ``root/base``) and the
+    tuned directory ``root/<tuned>``, writing to ``root/out``; returns the exit status."""
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    pairs_file = write_lines(root / "pairs.jsonl", [json.dumps(p) for p in pairs])
+    return main([
+        "localize", "--base", str(root / "base"), "--tuned", str(root / tuned),
+        "--pairs", str(pairs_file), "--out", str(root / "out"), *options,
+    ])  # fmt: skip
+
+
 def test_cli_writes_table_json_and_figure_from_saved_checkpoints(
     tmp_path: Path,
     base: PreTrainedModel,
@@ -303,16 +317,10 @@ def test_cli_writes_table_json_and_figure_from_saved_checkpoints(
     pairs: list[dict[str, str]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name, model in (("base", base), ("tuned", rank_two_tuned)):
-        model.save_pretrained(tmp_path / name)
-    task_tokenizer.save_pretrained(tmp_path / "base")
-    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(p) for p in pairs[:16]])
+    rank_two_tuned.save_pretrained(tmp_path / "tuned")
+    options = ["--bootstrap", "100", "--ranks", "1", "2", "4"]
+    status = run_localize(tmp_path, base, task_tokenizer, pairs[:16], "tuned", options)
     out = tmp_path / "out"
-    status = main([
-        "localize", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
-        "--pairs", str(pairs_file), "--out", str(out), "--bootstrap", "100",
-        "--ranks", "1", "2", "4",
-    ])  # fmt: skip
     captured = capsys.readouterr()
     assert status == 0
     assert "ranking by gain: [2," in captured.out
@@ -330,16 +338,10 @@ def test_cli_takes_a_peft_adapter_directory_as_the_tuned_model(
     pairs: list[dict[str, str]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    base.save_pretrained(tmp_path / "base")
-    task_tokenizer.save_pretrained(tmp_path / "base")
     rank_two_adapter.save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "config.json").exists()
-    pairs_file = write_lines(tmp_path / "pairs.jsonl", [json.dumps(p) for p in pairs[:16]])
-    status = main([
-        "localize", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "adapter"),
-        "--pairs", str(pairs_file), "--out", str(tmp_path / "out"), "--bootstrap", "50",
-        "--top-layers", "0", "--no-progress",
-    ])  # fmt: skip
+    options = ["--bootstrap", "50", "--top-layers", "0", "--no-progress"]
+    status = run_localize(tmp_path, base, task_tokenizer, pairs[:16], "adapter", options)
     assert status == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "localize.json").read_text())
     assert report["ranking"][0] == PLANTED_BLOCK
