@@ -302,3 +302,21 @@ def test_a_metric_that_does_not_change_between_reads_is_not_scored_again(
     trainer.fit(module, pair_batches())
     assert trainer.global_step == 12
     assert not any(a.level == "critical" for a in alerts)
+
+
+class PoisonWeightsAtStart(pl.Callback):
+    """Fault injection: overwrite one late MLP weight with inf before the first step."""
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        with torch.no_grad():
+            pl_module.model.model.layers[-1].mlp.down_proj.weight.fill_(float("inf"))
+
+
+def test_a_critical_alert_at_the_step_zero_probe_stops_before_any_step(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
+    callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=100)
+    trainer = make_trainer(tmp_path, [PoisonWeightsAtStart(), callback], enable_checkpointing=False)
+    trainer.fit(module, pair_batches())
+    assert trainer.global_step == 0
+    assert (tmp_path / "checkpoints" / "spinal-stop-step=0.ckpt").is_file()
