@@ -64,6 +64,9 @@ class SpinalConfig:
             ``loss_window`` logged values is info at once and critical after ``patience``
             consecutive logs; ``loss_spike_z=None`` turns it off (a non-finite loss is always
             critical).
+        neutral_probe: also probe neutral text (the callbacks' ``neutral_texts``, else
+            ``texts.DEFAULT_NEUTRAL_TEXTS``) in the same forward; the trace of text the run does
+            not train on is what tells damage from learning.
         drift_every: every this many probes, also chart how far each block's output has moved
             from the reference's on the probe batch (``spinal/drift/L{ii}``); ``None``: off.
     """
@@ -99,6 +102,7 @@ class SpinalConfig:
     loss_window: int = 20
     loss_spike_z: float | None = 6.0
     drift_every: int | None = None
+    neutral_probe: bool = True
 
     def __post_init__(self) -> None:
         if self.late_layers is not None:

@@ -25,15 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from spinal_callback.model_access import ModelParts, resolve_model_parts
-from spinal_callback.probe import (
-    ProbeBatch,
+from spinal_callback.capture import (
     autocast_context,
     capture_block_outputs,
     device_of,
     eval_mode,
     forward_inputs,
 )
+from spinal_callback.model_access import ModelParts, resolve_model_parts
+from spinal_callback.probe_batch import ProbeBatch
 
 DRIFT_PREFIX = "spinal/drift"
 DRIFT_TOKENS = 64

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spinal_callback.capture import eval_mode
 from spinal_callback.pairs import SIDES
-from spinal_callback.probe import eval_mode
 
 Patch = Callable[[int, Tensor], Tensor]
 """``(block index, block output [2b, t, d]) -> replacement``."""

@@ -35,6 +35,7 @@ from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import ModelParts, peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.tensorboard import TraceBoard, summary_scalars
+from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
 from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
@@ -87,9 +88,11 @@ class ProbeSession:
         config: SpinalConfig,
         probe_texts: Sequence[str] | None = None,
         on_alert: AlertHook | None = None,
+        neutral_texts: Sequence[str] | None = None,
     ) -> None:
         self.config = config
         self.probe_texts = list(probe_texts) if probe_texts is not None else None
+        self.neutral_texts = list(neutral_texts) if neutral_texts is not None else None
         self.on_alert = on_alert
         self.probe: SpinalProbe | None = None
         self.reference_probe: SpinalProbe | None = None
@@ -127,9 +130,13 @@ class ProbeSession:
         full probe batch (kept when a failing probe is halved).
         """
         batch = build_probe_batch(self.config, tokenizer, self.probe_texts, dataset)
-        self.probe = SpinalProbe(model, batch, self.config)
+        neutral = None
+        if self.config.neutral_probe:
+            texts = self.neutral_texts or list(DEFAULT_NEUTRAL_TEXTS)
+            neutral = ProbeBatch.from_texts(tokenizer, texts, self.config.max_probe_length)
+        self.probe = SpinalProbe(model, batch, self.config, neutral)
         if reference_model is not None:
-            self.reference_probe = SpinalProbe(reference_model, batch, self.config)
+            self.reference_probe = SpinalProbe(reference_model, batch, self.config, neutral)
         if self.config.drift_every is not None:
             self.drift_batch = batch
             self.drift_index = batch.subsample(DRIFT_TOKENS, self.config.seed + 2)
@@ -388,7 +395,13 @@ class ProbeSession:
             )
         )
         try:
-            halved = SpinalProbe(self.probe.model, _half(self.probe.batch), self.config)
+            neutral = self.probe.neutral_batch
+            halved = SpinalProbe(
+                self.probe.model,
+                _half(self.probe.batch),
+                self.config,
+                None if neutral is None else _half(neutral),
+            )
             trace = halved.run(step)
         except Exception as error:  # as above: never let the probe end training
             _release_cached_memory()

@@ -15,10 +15,13 @@ from torch import Tensor
 
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES, ContractionStatus
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added ``lens_entropy``, ``next_token_nll`` and ``neutral``; version 1 still loads."""
 JSON_NAME = "trace.json"
 TENSORS_NAME = "trace.safetensors"
 _TENSOR_FIELDS = ("contraction", "transport", "contraction_status")
+_OPTIONAL_TENSOR_FIELDS = ("lens_entropy",)
+NEUTRAL_PREFIX = "neutral."
 
 
 class DepthTraceFormatError(ValueError):
@@ -42,6 +45,13 @@ class DepthTrace:
         probe_fingerprint: hash of the probe's token ids, mask, subsamples and score settings;
             traces are comparable only when it matches.
         metadata: free-form JSON-serialisable details (token counts, dtypes, device, timing).
+        lens_entropy: float32 ``[L]``, mean entropy (nats) of each late layer's logit-lens
+            distribution over the probe tokens; ``None`` in traces saved before format 2.
+        next_token_nll: mean negative log-likelihood (nats per token) of each probe token's real
+            next token under the deepest traced block's lens, which is the model's own output
+            when the band ends at the last block (the default); ``None`` when unknown.
+        neutral: the trace of the neutral-text probe taken in the same forward (text the run
+            does not train on), with its own scores; ``None`` when there was none.
     """
 
     step: int
@@ -55,6 +65,9 @@ class DepthTrace:
     model_fingerprint: str
     probe_fingerprint: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    lens_entropy: Tensor | None = None
+    next_token_nll: float | None = None
+    neutral: DepthTrace | None = None
 
     def __post_init__(self) -> None:
         count = len(self.layers)
@@ -62,9 +75,11 @@ class DepthTrace:
             "contraction": (count,),
             "transport": (count - 1,),
             "contraction_status": (count,),
+            "lens_entropy": (count,),
         }
         for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
                 raise ValueError(
                     f"DepthTrace.{name} has shape {tuple(getattr(self, name).shape)}, expected "
                     f"{shape} for {count} late layers"
@@ -93,23 +108,37 @@ class DepthTrace:
 
     @property
     def is_finite(self) -> bool:
-        """True when every score and summary is finite."""
-        finite_tensors = bool(
-            torch.isfinite(self.contraction).all() and torch.isfinite(self.transport).all()
-        )
-        return finite_tensors and all(math.isfinite(v) for v in self.summary.values())
+        """True when every score and summary, the neutral trace's included, is finite."""
+        tensors = [self.contraction, self.transport]
+        if self.lens_entropy is not None:
+            tensors.append(self.lens_entropy)
+        scalars = [*self.summary.values()]
+        if self.next_token_nll is not None:
+            scalars.append(self.next_token_nll)
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        finite = finite and all(math.isfinite(v) for v in scalars)
+        return finite and (self.neutral is None or self.neutral.is_finite)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON types (lists of floats for the tensors)."""
+        return {
+            **self._header(),
+            "contraction": self.contraction.tolist(),
+            "transport": self.transport.tolist(),
+            "contraction_status": self.contraction_status.tolist(),
+            "lens_entropy": None if self.lens_entropy is None else self.lens_entropy.tolist(),
+            "neutral": None if self.neutral is None else self.neutral.to_dict(),
+        }
+
+    def _header(self) -> dict[str, Any]:
+        """The JSON fields that are not tensors (the neutral trace excluded)."""
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
             "layers": list(self.layers),
             "num_blocks": self.num_blocks,
-            "contraction": self.contraction.tolist(),
-            "transport": self.transport.tolist(),
-            "contraction_status": self.contraction_status.tolist(),
             "summary": dict(self.summary),
+            "next_token_nll": self.next_token_nll,
             "measure": self.measure,
             "model_fingerprint": self.model_fingerprint,
             "probe_fingerprint": self.probe_fingerprint,
@@ -124,10 +153,13 @@ class DepthTrace:
         """
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSOR_FIELDS}
+        tensors = self._tensors()
+        header = self._header()
+        if self.neutral is not None:
+            tensors.update({NEUTRAL_PREFIX + k: v for k, v in self.neutral._tensors().items()})
+            header["neutral"] = self.neutral._header()
         tensor_path = directory / TENSORS_NAME
         save_file(tensors, str(tensor_path))
-        header = {key: value for key, value in self.to_dict().items() if key not in _TENSOR_FIELDS}
         header["tensors_sha256"] = _sha256(tensor_path)
         (directory / JSON_NAME).write_text(json.dumps(header, indent=2, sort_keys=True))
         return directory
@@ -153,7 +185,16 @@ class DepthTrace:
             )
         try:
             tensors = load_file(str(tensor_path))
-            return cls._from_header(header, tensors)
+            neutral_header = header.get("neutral")
+            neutral = None
+            if neutral_header is not None:
+                prefixed = {
+                    k.removeprefix(NEUTRAL_PREFIX): v
+                    for k, v in tensors.items()
+                    if k.startswith(NEUTRAL_PREFIX)
+                }
+                neutral = cls._from_header(neutral_header, prefixed)
+            return cls._from_header(header, tensors, neutral)
         except (KeyError, TypeError, ValueError) as error:
             raise DepthTraceFormatError(
                 f"{directory} is not a complete DepthTrace ({type(error).__name__}: {error})"
@@ -172,10 +213,27 @@ class DepthTrace:
             "transport": torch.tensor(data["transport"], dtype=torch.float32),
             "contraction_status": torch.tensor(data["contraction_status"], dtype=torch.int8),
         }
-        return cls._from_header(data, tensors)
+        if data.get("lens_entropy") is not None:
+            tensors["lens_entropy"] = torch.tensor(data["lens_entropy"], dtype=torch.float32)
+        neutral = data.get("neutral")
+        return cls._from_header(data, tensors, None if neutral is None else cls.from_dict(neutral))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        names = [*_TENSOR_FIELDS, *_OPTIONAL_TENSOR_FIELDS]
+        return {
+            name: getattr(self, name).detach().cpu().contiguous()
+            for name in names
+            if getattr(self, name) is not None
+        }
 
     @classmethod
-    def _from_header(cls, header: dict[str, Any], tensors: dict[str, Tensor]) -> DepthTrace:
+    def _from_header(
+        cls,
+        header: dict[str, Any],
+        tensors: dict[str, Tensor],
+        neutral: DepthTrace | None = None,
+    ) -> DepthTrace:
+        nll = header.get("next_token_nll")
         return cls(
             step=int(header["step"]),
             layers=[int(i) for i in header["layers"]],
@@ -185,6 +243,9 @@ class DepthTrace:
             model_fingerprint=str(header["model_fingerprint"]),
             probe_fingerprint=str(header["probe_fingerprint"]),
             metadata=dict(header.get("metadata", {})),
+            lens_entropy=tensors.get("lens_entropy"),
+            next_token_nll=None if nll is None else float(nll),
+            neutral=neutral,
             **{name: tensors[name] for name in _TENSOR_FIELDS},
         )
 

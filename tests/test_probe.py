@@ -317,3 +317,70 @@ def test_probe_runs_on_the_models_cuda_device(
     gpu = SpinalProbe(llama.cuda(), probe_batch).run()
     assert gpu.metadata["device"].startswith("cuda")
     torch.testing.assert_close(gpu.contraction, cpu.contraction, rtol=1e-3, atol=1e-3)
+
+
+def test_stacking_pads_on_the_right_and_maps_each_batchs_tokens_into_the_stack(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    short = ProbeBatch.from_texts(tokenizer, probe_texts[:2], padding_side="left")
+    long = ProbeBatch.from_texts(tokenizer, [" ".join(probe_texts[2:4])])
+    stacked = ProbeBatch.stack([short, long])
+    assert stacked.input_ids.shape == (3, long.input_ids.shape[1])
+    index = long.valid_positions()
+    mapped = long.flat_index_in(index, stacked.input_ids.shape[1], row_offset=2)
+    assert torch.equal(stacked.input_ids.reshape(-1)[mapped], long.input_ids.reshape(-1)[index])
+    index = short.valid_positions()
+    mapped = short.flat_index_in(index, stacked.input_ids.shape[1], row_offset=0)
+    assert torch.equal(stacked.input_ids.reshape(-1)[mapped], short.input_ids.reshape(-1)[index])
+
+
+def test_next_tokens_are_the_following_real_token_or_minus_one_at_a_rows_end() -> None:
+    batch = ProbeBatch.from_token_ids([[5, 6, 7] * 6, [8, 9] * 5], padding_side="left")
+    index = batch.valid_positions()
+    following = batch.next_tokens(index)
+    assert following[:3].tolist() == [6, 7, 5] and following[17].item() == -1
+    assert following[18:21].tolist() == [9, 8, 9] and following[-1].item() == -1
+
+
+def test_a_neutral_group_in_the_same_forward_scores_as_if_probed_alone(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    model = make_model("qwen2", layers=6)
+    task = ProbeBatch.from_texts(tokenizer, probe_texts[:8])
+    neutral = ProbeBatch.from_texts(tokenizer, [t.upper() for t in probe_texts[8:]])
+    both = SpinalProbe(model, task, neutral=neutral).run()
+    alone = {"task": SpinalProbe(model, task).run(), "neutral": SpinalProbe(model, neutral).run()}
+    assert both.neutral is not None
+    for combined, single in ((both, alone["task"]), (both.neutral, alone["neutral"])):
+        torch.testing.assert_close(combined.contraction, single.contraction, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(combined.transport, single.transport, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(combined.lens_entropy, single.lens_entropy, rtol=1e-4, atol=1e-5)
+        assert combined.next_token_nll == pytest.approx(single.next_token_nll, rel=1e-4)
+
+
+def test_next_token_nll_is_the_models_own_loss_on_the_probe_tokens(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
+    config = SpinalConfig(transport_tokens=probe_batch.num_valid_tokens)
+    trace = SpinalProbe(llama, probe_batch, config).run()
+    with torch.no_grad():
+        logits = llama(
+            input_ids=probe_batch.input_ids, attention_mask=probe_batch.attention_mask
+        ).logits
+    token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(
+        -1, probe_batch.input_ids[:, 1:, None]
+    )
+    mask = probe_batch.attention_mask[:, 1:].bool()
+    expected = -token_logps.squeeze(-1)[mask].mean()
+    assert trace.next_token_nll == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_lens_entropy_is_per_layer_and_its_last_entry_is_the_summary(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
+    trace = SpinalProbe(llama, probe_batch).run()
+    assert trace.lens_entropy is not None and trace.lens_entropy.shape == (4,)
+    assert trace.lens_entropy[-1].item() == pytest.approx(trace.summary["lens_entropy"])
+    assert bool((trace.lens_entropy > 0).all())

@@ -114,3 +114,30 @@ def test_from_dict_inverts_to_dict() -> None:
     assert (
         DepthTrace.from_dict(json.loads(json.dumps(trace.to_dict()))).to_dict() == trace.to_dict()
     )
+
+
+def test_a_trace_with_a_neutral_trace_round_trips_through_files_and_dicts(
+    tmp_path: Path,
+) -> None:
+    neutral = make_trace(lens_entropy=torch.tensor([3.0, 2.5, 2.0, 1.5]), next_token_nll=2.25)
+    trace = make_trace(lens_entropy=torch.tensor([4.0, 3.0, 2.0, 1.0]), neutral=neutral)
+    loaded = DepthTrace.load(trace.save(tmp_path / "trace"))
+    assert loaded.to_dict() == trace.to_dict()
+    assert loaded.neutral is not None and loaded.neutral.next_token_nll == 2.25
+    assert DepthTrace.from_dict(trace.to_dict()).to_dict() == trace.to_dict()
+
+
+def test_a_non_finite_neutral_trace_makes_the_trace_non_finite() -> None:
+    neutral = make_trace(next_token_nll=float("inf"))
+    assert make_trace().is_finite and not make_trace(neutral=neutral).is_finite
+
+
+def test_a_format_1_trace_still_loads_without_the_newer_fields(tmp_path: Path) -> None:
+    directory = make_trace().save(tmp_path / "trace")
+    header = json.loads((directory / "trace.json").read_text())
+    for name in ("next_token_nll", "neutral"):
+        header.pop(name, None)
+    header["format_version"] = 1
+    (directory / "trace.json").write_text(json.dumps(header))
+    loaded = DepthTrace.load(directory)
+    assert loaded.lens_entropy is None and loaded.next_token_nll is None and loaded.neutral is None

@@ -40,6 +40,8 @@ class SpinalCallback(pl.Callback):
         log_dir: directory for our own ``SummaryWriter`` when the trainer has no
             ``TensorBoardLogger``; ``None`` is ``<default_root_dir>/spinal``.
         on_alert: called with each ``Alert``.
+        neutral_texts: neutral text the run does not train on, probed in the same forward
+            (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
         **config_overrides: ``SpinalConfig`` fields, e.g. ``every_n_steps=50``.
 
     The reference traced once as the baseline is ``pl_module.ref_model`` / ``.reference`` /
@@ -55,6 +57,7 @@ class SpinalCallback(pl.Callback):
         model_attr: str = "model",
         log_dir: str | None = None,
         on_alert: AlertHook | None = None,
+        neutral_texts: Sequence[str] | None = None,
         **config_overrides: Any,
     ) -> None:
         base = config if isinstance(config, SpinalConfig) else SpinalConfig(**(config or {}))
@@ -62,7 +65,8 @@ class SpinalCallback(pl.Callback):
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.log_dir = log_dir
-        self.session = ProbeSession(self.config, probe_texts, on_alert)
+        self.neutral_texts = list(neutral_texts) if neutral_texts is not None else None
+        self.session = ProbeSession(self.config, probe_texts, on_alert, self.neutral_texts)
         self._own_writer: Any = None
         self._last_logs_step = -1
         self._metrics_seen: dict[str, float] = {}

@@ -40,6 +40,8 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         log_dir: TensorBoard directory; ``None`` is ``default_log_dir(args)``
             (``<output_dir>/runs/spinal`` on transformers 5).
         on_alert: called with each ``Alert``.
+        neutral_texts: neutral text the run does not train on, probed in the same forward
+            (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
         ref_model: the reference model to trace once as the baseline (TRL's ``ref_model``);
             with a PEFT policy and no ``ref_model`` the adapters-disabled policy is used.
         **config_overrides: ``SpinalConfig`` fields, e.g. ``every_n_steps=50``.
@@ -55,6 +57,7 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         probe_texts: Sequence[str] | None = None,
         log_dir: str | None = None,
         on_alert: AlertHook | None = None,
+        neutral_texts: Sequence[str] | None = None,
         ref_model: nn.Module | None = None,
         **config_overrides: Any,
     ) -> None:
@@ -63,7 +66,8 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         self.probe_texts = list(probe_texts) if probe_texts is not None else None
         self.log_dir = log_dir
         self.ref_model = ref_model
-        self.session = ProbeSession(self.config, self.probe_texts, on_alert)
+        self.neutral_texts = list(neutral_texts) if neutral_texts is not None else None
+        self.session = ProbeSession(self.config, self.probe_texts, on_alert, self.neutral_texts)
         self._writer: Any = None
 
     @property
@@ -161,6 +165,7 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
             "args": {
                 "config": self.config.to_dict(),
                 "probe_texts": self.probe_texts,
+                "neutral_texts": self.neutral_texts,
                 "log_dir": self.log_dir,
             },
             "attributes": {"spinal_state": self.session.state_dict()},

@@ -1,0 +1,114 @@
+"""The probe's forward: hooks on chosen decoder blocks that capture their outputs, then stop.
+
+Shared by ``SpinalProbe`` (late blocks) and ``drift`` (every block). The caller picks the grad,
+eval and autocast modes with ``eval_mode`` and ``autocast_context``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spinal_callback.model_access import ModelParts
+from spinal_callback.probe_batch import ProbeBatch
+
+
+class _StopForward(Exception):
+    """Raised by the last hooked block: nothing after it is needed."""
+
+
+def forward_inputs(parts: ModelParts, batch: ProbeBatch) -> dict[str, Tensor]:
+    """Keyword inputs of a probe forward, on the CPU: int64 ``[b, t]`` ``input_ids`` and
+    ``attention_mask``, and ``position_ids`` counted over real tokens (so left padding shifts
+    nothing) where the model's forward accepts them."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if "position_ids" in inspect.signature(parts.model.forward).parameters:
+        inputs["position_ids"] = batch.position_ids
+    return inputs
+
+
+def capture_block_outputs(
+    parts: ModelParts,
+    inputs: dict[str, Tensor],
+    layers: Sequence[int],
+    selections: Sequence[Tensor],
+) -> list[Tensor]:
+    """Run ``parts.entry(**inputs, use_cache=False)`` with forward hooks on blocks ``layers``.
+
+    The forward stops after the deepest hooked block (nothing after it runs) and every hook is
+    removed afterwards, also when the forward raises. The caller chooses grad, eval and autocast
+    modes.
+
+    Args:
+        parts: the resolved model.
+        inputs: ``forward_inputs`` on the model's device.
+        layers: ascending block indices.
+        selections: int64 flat token indices into ``[b * t]``, on the model's device.
+
+    Returns:
+        One tensor ``[len(layers), n_k, d]`` per selection, in the blocks' output dtype.
+
+    Raises:
+        RuntimeError: the forward skipped one of ``layers`` (early exit or layer dropout).
+    """
+    captured: dict[int, list[Tensor]] = {}
+    last = max(layers)
+
+    def hook_for(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            captured[layer] = [flat.index_select(0, rows) for rows in selections]
+            if layer == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [parts.blocks[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        parts.entry(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in layers if i not in captured]
+    if missing:
+        raise RuntimeError(
+            f"the forward never reached block(s) {missing}; the model skipped them "
+            "(early exit or layer dropout): trace blocks that always run (late_layers)"
+        )
+    return [torch.stack([captured[i][k] for i in layers]) for k in range(len(selections))]
+
+
+def autocast_context(
+    device: torch.device, dtype_name: str | None
+) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` to ``dtype_name`` (``"bfloat16"``/``"float16"``) on ``device``, or a
+    no-op for ``None`` (an enclosing autocast still applies)."""
+    if dtype_name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; every submodule's own train/eval flag restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
