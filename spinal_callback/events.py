@@ -36,9 +36,9 @@ class Alert:
     Attributes:
         step: training step of the probe that raised it.
         level: ``"info"``, ``"warning"`` or ``"critical"``.
-        rule: the rule that fired (``"robust_z"``, ``"cusum"``, ``"non_finite"``,
-            ``"probe_failed"``).
-        metric: the score or summary concerned (e.g. ``"spinal/ramp/jaggedness"``).
+        rule: the rule that fired (a ``name`` from ``spinal_callback.rules``, e.g.
+            ``"language_drift"``, or ``"probe_failed"``).
+        metric: the scalar concerned (e.g. ``"spinal/neutral/perplexity_ratio"``).
         value: the observed value (NaN when not applicable).
         threshold: the threshold it crossed (NaN when not applicable).
         message: one line a person can act on.

@@ -1,15 +1,23 @@
-"""A synthetic preference task that DPO learns from a random initialisation in a minute on a CPU.
+"""Synthetic preference tasks DPO learns on a CPU in a minute, and neutral text of their domain.
 
-Prompt: ``"say: w1 w2 w3"`` with words from ``WORDS``. The chosen reply repeats the prompt's
-last word (``" w3"``), the rejected reply is another word from the list. A tiny model learns the
-preference from DPO alone in a few hundred steps, so the recipes, demo and benchmarks can train
-for real without any download. Rows use TRL's standard (non-conversational) preference format.
+The default task (``make_preference_pairs``, the recipes' and the demo's): the prompt is
+``"say: w1 w2 w3"`` with words from ``WORDS``; the chosen reply repeats the prompt's last word
+(``" w3"``), the rejected reply is another word. A tiny model learns the preference from DPO alone
+in a few hundred steps, so the recipes, demo and benchmarks train for real without any download.
+
+``TASKS`` holds that task and three of other shapes over the same words: multi-token replies
+that differ in one word (``copy``), replies that differ in order (``reverse``) and replies of
+different lengths in both directions (``lengths``). ``neutral_sentences`` is text of the same
+domain that is not preference data: sentences of a small grammar over the same words, in which
+each word has a fixed partner (``PARTNER``), so a language model can learn it and a damaged one
+forgets it. Rows use TRL's standard (non-conversational) preference format.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 WORDS = (
@@ -17,8 +25,11 @@ WORDS = (
     "maple", "violin", "copper", "garden", "rocket", "pencil", "winter", "castle",
 )  # fmt: skip
 PROMPT_WORDS = 3
-# The smallest BPE vocabulary (trained on ``tokenizer_corpus()``) in which every word of ``WORDS``
-# is one token, with or without its leading space; the trained tokenizer has 334 entries.
+FUNCTION_WORDS = ("the", "a", "is", "near", "under", "and", "saw", "has", "big", "old", "red", ".")
+PARTNER = {word: WORDS[(i * 5 + 3) % len(WORDS)] for i, word in enumerate(WORDS)}
+"""Each word's fixed partner in the neutral grammar ("the apple is near the cloud .")."""
+# A BPE vocabulary (trained on ``tokenizer_corpus()``) in which every word of ``WORDS`` and
+# ``FUNCTION_WORDS`` is one token after a space; the trained tokenizer has 370 entries.
 TOKENIZER_VOCAB_SIZE = 384
 
 
@@ -56,9 +67,115 @@ def make_preference_pairs(
 
 def tokenizer_corpus() -> list[str]:
     """Texts to train the tiny tokenizer on; with ``vocab_size=TOKENIZER_VOCAB_SIZE`` every word
-    of ``WORDS`` becomes a single token (a smaller vocabulary splits some words into pieces)."""
+    of ``WORDS`` and ``FUNCTION_WORDS`` after a space becomes a single token."""
     pairs = make_preference_pairs(512, seed=12345)
-    return [pair["prompt"] + pair["chosen"] for pair in pairs] + [f"say: {w} {w}" for w in WORDS]
+    texts = [pair["prompt"] + pair["chosen"] for pair in pairs] + [f"say: {w} {w}" for w in WORDS]
+    for task in TASKS.values():
+        texts += [row["prompt"] + row["chosen"] for row in task.make_pairs(64, 12345)]
+    return texts + neutral_sentences(256, seed=12345)
+
+
+def neutral_sentences(count: int, seed: int = 0) -> list[str]:
+    """``count`` sentences of the tasks' domain that are not preference data.
+
+    A small grammar over ``WORDS``: ``"the apple is near the cloud ."``, ``"a big tiger saw the
+    red river ."``, ``"the lamp has a stone and a maple ."``. Each word is placed ``near`` or
+    ``under`` its fixed ``PARTNER`` only, so the text has structure a model learns and forgets.
+    """
+    rng = random.Random(seed)
+    adjectives = ("big", "old", "red")
+    templates: tuple[Callable[[], str], ...] = (
+        lambda: (lambda w: f"the {w} is {rng.choice(('near', 'under'))} the {PARTNER[w]} .")(
+            rng.choice(WORDS)
+        ),
+        lambda: (
+            f"a {rng.choice(adjectives)} {rng.choice(WORDS)} saw the "
+            f"{rng.choice(adjectives)} {rng.choice(WORDS)} ."
+        ),
+        lambda: f"the {rng.choice(WORDS)} has a {rng.choice(WORDS)} and a {rng.choice(WORDS)} .",
+    )
+    return [rng.choice(templates)() for _ in range(count)]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic preference task: a name and a deterministic pair generator.
+
+    Attributes:
+        name: the task's name in ``TASKS``.
+        describe: what the chosen reply does, in a few words.
+        make_pairs: ``(count, seed) -> rows {"prompt", "chosen", "rejected"}``, the same rows for
+            the same arguments.
+    """
+
+    name: str
+    describe: str
+    make_pairs: Callable[[int, int], list[dict[str, str]]]
+
+    def split(self, train_count: int, eval_count: int, seed: int) -> tuple[list[Any], list[Any]]:
+        """Training rows and held-out rows whose prompts never occur in training."""
+        train = self.make_pairs(train_count, seed)
+        seen = {row["prompt"] for row in train}
+        held_out: list[dict[str, str]] = []
+        for row in self.make_pairs(50 * eval_count, seed + 10_000):
+            if row["prompt"] not in seen and len(held_out) < eval_count:
+                seen.add(row["prompt"])
+                held_out.append(row)
+        if len(held_out) < eval_count:
+            raise ValueError(
+                f"task {self.name!r}: only {len(held_out)} of {eval_count} held-out prompts are "
+                "unseen in training; ask for fewer training pairs"
+            )
+        return train, held_out
+
+
+def _pairs(build: Callable[[random.Random], tuple[str, str, str]]) -> Callable[..., Any]:
+    def make(count: int, seed: int = 0) -> list[dict[str, str]]:
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(count):
+            prompt, chosen, rejected = build(rng)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        return rows
+
+    return make
+
+
+def _distinct(rng: random.Random, count: int) -> list[str]:
+    return rng.sample(list(WORDS), count)
+
+
+def _copy(rng: random.Random) -> tuple[str, str, str]:
+    words = [rng.choice(WORDS) for _ in range(PROMPT_WORDS)]
+    wrong = list(words)
+    at = rng.randrange(len(words))
+    wrong[at] = rng.choice([w for w in WORDS if w != words[at]])
+    return f"copy: {' '.join(words)}", f" {' '.join(words)} .", f" {' '.join(wrong)} ."
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    words = _distinct(rng, PROMPT_WORDS)
+    backwards = " ".join(reversed(words))
+    return f"reverse: {' '.join(words)}", f" {backwards} .", f" {' '.join(words)} ."
+
+
+def _lengths(rng: random.Random) -> tuple[str, str, str]:
+    if rng.random() < 0.5:
+        words = [rng.choice(WORDS) for _ in range(PROMPT_WORDS + 1)]
+        return f"first: {' '.join(words)}", f" {words[0]} .", f" {' '.join(words)} ."
+    words = [rng.choice(WORDS) for _ in range(rng.randint(2, PROMPT_WORDS + 1))]
+    return f"all: {' '.join(words)}", f" {' '.join(words)} .", f" {words[0]} ."
+
+
+TASKS: dict[str, Task] = {
+    "repeat": Task("repeat", "one-token reply: the prompt's last word", make_preference_pairs),
+    "copy": Task("copy", "multi-token reply: the prompt's words, not one of them changed",
+                 _pairs(_copy)),
+    "reverse": Task("reverse", "multi-token reply: the prompt's words in reverse order",
+                    _pairs(_reverse)),
+    "lengths": Task("lengths", "replies of different lengths: the first word, or all words",
+                    _pairs(_lengths)),
+}  # fmt: skip
 
 
 def held_out_pairs(

@@ -123,6 +123,8 @@ class SpinalProbe:
         self.transport_index = self.groups[0].transport_index
         self._check_spectrum_rank()
         self._device_inputs: dict[torch.device, dict[str, Tensor]] = {}
+        self.vocab_size: int | None = None
+        """The lens's vocabulary size, known after the first run (the perplexity rule's scale)."""
         self.probe_fingerprint = self._probe_fingerprint()
         self.model_fingerprint = _model_fingerprint(self.parts)
 
@@ -184,6 +186,7 @@ class SpinalProbe:
                 "valid_tokens": group.batch.num_valid_tokens,
                 "spectrum_tokens": int(group.spectrum_index.numel()),
                 "transport_tokens": int(group.transport_index.numel()),
+                "vocab_size": self.vocab_size,
                 "hidden_dtype": hidden_dtype.removeprefix("torch."),
                 "device": str(device),
                 "seconds": seconds,
@@ -231,6 +234,7 @@ class SpinalProbe:
         """
         count, tokens = hidden.shape[0], hidden.shape[1]
         vocab = _vocab_size(self.parts, hidden)
+        self.vocab_size = vocab
         chunk = max(1, (self.config.lens_chunk_mib << 20) // (4 * count * vocab))
         adjacent = torch.zeros(count - 1, dtype=torch.float32, device=hidden.device)
         end_to_end = torch.zeros((), dtype=torch.float32, device=hidden.device)

@@ -185,9 +185,10 @@ class ProbeSession:
             return None
         if self.reference is None:
             self.reference = self._reference_trace(model, step) or trace
+            self.monitor.set_reference(self.reference)
         self.history.append(trace)
         alerts = self.monitor.update(trace)
-        self.pending_logs.update(summary_scalars(trace))
+        self.pending_logs.update(summary_scalars(trace, self.reference))
         self.pending_logs["spinal/alert_level"] = float(
             max((a.severity for a in alerts), default=0)
         )
@@ -295,6 +296,8 @@ class ProbeSession:
         self.reference = DepthTrace.from_dict(reference) if reference else None
         if "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
+        if self.monitor.reference is None and self.reference is not None:
+            self.monitor.set_reference(self.reference)
         self.probes_run = int(state.get("probes_run", len(self.history)))
         self._load_drift_reference(state.get("drift_reference") or {})
 

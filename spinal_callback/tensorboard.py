@@ -24,6 +24,8 @@ import numpy as np
 
 from spinal_callback.events import Alert
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.rules.departure import departure
+from spinal_callback.rules.language import perplexity_ratio
 from spinal_callback.trace import DepthTrace
 
 PREFIX = "spinal"
@@ -46,9 +48,32 @@ def trace_scalars(trace: DepthTrace, prefix: str = PREFIX) -> dict[str, float]:
     return scalars
 
 
-def summary_scalars(trace: DepthTrace) -> dict[str, float]:
-    """The ramp summaries only: what goes to ``on_log`` (W&B, MLflow, the console)."""
-    return {f"{PREFIX}/ramp/{name}": trace.summary[name] for name in RAMP_SUMMARY_NAMES}
+def summary_scalars(trace: DepthTrace, reference: DepthTrace | None = None) -> dict[str, float]:
+    """The ramp summaries and, with a reference, the neutral-text health scalars: what goes to
+    ``on_log`` (W&B, MLflow, the console)."""
+    scalars = {f"{PREFIX}/ramp/{name}": trace.summary[name] for name in RAMP_SUMMARY_NAMES}
+    if reference is not None:
+        scalars.update(health_scalars(trace, reference))
+    return scalars
+
+
+def health_scalars(trace: DepthTrace, reference: DepthTrace) -> dict[str, float]:
+    """What the ``language_drift`` and ``trace_departure`` rules read, unscaled:
+
+    - ``spinal/neutral/perplexity_ratio``: neutral-text perplexity as a multiple of the
+      reference's (1.0 = unchanged);
+    - ``spinal/neutral/departure``: relative change of the neutral texts' late-layer trace
+      from the reference's (0.0 = unchanged; 0.1 = 10%).
+
+    Empty without a neutral probe.
+    """
+    if trace.neutral is None or reference.neutral is None:
+        return {}
+    scalars = {f"{PREFIX}/neutral/departure": departure(trace.neutral, reference.neutral)}
+    ratio = perplexity_ratio(trace, reference)
+    if ratio is not None:
+        scalars[f"{PREFIX}/neutral/perplexity_ratio"] = ratio
+    return scalars
 
 
 def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str, Any]:
@@ -64,6 +89,20 @@ def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str
                 [rf"^{REFERENCE_PREFIX}/contraction/L\d+$"],
             ],
             f"reference transport {band}": ["Multiline", [rf"^{REFERENCE_PREFIX}/transport/L\d+$"]],
+        },
+        "SPINAL neutral text (what the alerts read)": {
+            "perplexity, multiple of the reference": [
+                "Multiline",
+                [rf"^{PREFIX}/neutral/perplexity_ratio$"],
+            ],
+            "late-layer trace, relative change from the reference": [
+                "Multiline",
+                [rf"^{PREFIX}/neutral/departure$"],
+            ],
+            "alert level (0 quiet, 1 info, 2 warning, 3 critical)": [
+                "Multiline",
+                [rf"^{PREFIX}/alert_level$"],
+            ],
         },
         "SPINAL ramp (run vs reference)": {
             name: ["Multiline", [rf"^{PREFIX}/ramp/{name}$", rf"^{REFERENCE_PREFIX}/ramp/{name}$"]]
@@ -112,6 +151,8 @@ class TraceBoard:
         for tag, value in trace_scalars(trace).items():
             self.writer.add_scalar(tag, value, trace.step)
         if reference is not None:
+            for tag, value in health_scalars(trace, reference).items():
+                self.writer.add_scalar(tag, value, trace.step)
             for tag, value in trace_scalars(reference, REFERENCE_PREFIX).items():
                 self.writer.add_scalar(tag, value, trace.step)
         if trace.notes:

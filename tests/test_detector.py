@@ -1,4 +1,4 @@
-"""RampMonitor rules on synthetic trace streams, and its state round trip."""
+"""RampMonitor and its rules on synthetic trace and log streams: what fires, when, and state."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.rules import DEFAULT_RULES, AlertRule, LanguageDrift, NonFinite
+from spinal_callback.rules.departure import departure
 from spinal_callback.trace import DepthTrace
 
-BASE = {
+SUMMARY = {
     "contraction_slope": 0.8,
     "transport_mean": 0.2,
     "transport_slope": -0.1,
@@ -22,238 +23,274 @@ BASE = {
     "tortuosity": 1.5,
     "lens_entropy": 4.0,
 }
+CONTRACTION = (1.0, 1.1, 1.2, 1.3)
+ENTROPY = (4.0, 3.8, 3.6, 3.4)
+REFERENCE_NLL = 2.0
+VOCAB = 1000
 
 
-def trace(step: int, **summary: float) -> DepthTrace:
-    values = {**BASE, **summary}
-    contraction = torch.tensor([1.0, 1.1, 1.2, 1.3])
-    if not math.isfinite(values["contraction_slope"]):
-        contraction = torch.tensor([1.0, float("nan"), 1.2, 1.3])
-    return DepthTrace(
+def trace(
+    step: int,
+    contraction: tuple[float, ...] = CONTRACTION,
+    entropy: tuple[float, ...] = ENTROPY,
+    nll: float = REFERENCE_NLL,
+    vocab: int = VOCAB,
+    neutral: bool = True,
+) -> DepthTrace:
+    """A trace whose neutral group has the given contraction, lens entropy and NLL (the task
+    group keeps the reference's values)."""
+    inner = DepthTrace(
         step=step,
         layers=[4, 5, 6, 7],
         num_blocks=8,
-        contraction=contraction,
+        contraction=torch.tensor(contraction),
         transport=torch.tensor([0.2, 0.2, 0.2]),
         contraction_status=torch.zeros(4, dtype=torch.int8),
-        summary=values,
+        summary=dict(SUMMARY),
         measure="hellinger",
         model_fingerprint="m",
         probe_fingerprint="p",
+        metadata={"vocab_size": vocab},
+        lens_entropy=torch.tensor(entropy),
+        next_token_nll=nll,
+    )
+    outer = DepthTrace(**{**inner.__dict__, "contraction": torch.tensor(CONTRACTION)})
+    outer.lens_entropy = torch.tensor(ENTROPY)
+    outer.neutral = inner if neutral else None
+    if not all(math.isfinite(c) for c in contraction):
+        outer.summary = {**SUMMARY, "contraction_slope": math.nan}
+    return outer
+
+
+def scaled(step: int, factor: float) -> DepthTrace:
+    """Neutral contraction and entropy moved by ``factor`` (relative) from the reference."""
+    return trace(
+        step,
+        contraction=tuple(c * (1 + factor) for c in CONTRACTION),
+        entropy=tuple(h * (1 - factor) for h in ENTROPY),
     )
 
 
-def noisy_stream(count: int, seed: int = 0, scale: float = 0.01) -> list[DepthTrace]:
-    rng = random.Random(seed)
-    return [
-        trace(10 * i, **{name: value * (1 + rng.gauss(0, scale)) for name, value in BASE.items()})
-        for i in range(count)
-    ]
+def monitor(**overrides: object) -> RampMonitor:
+    watched = RampMonitor(SpinalConfig(**overrides))  # type: ignore[arg-type]
+    watched.set_reference(trace(0))
+    return watched
 
 
-def run(monitor: RampMonitor, traces: list[DepthTrace]) -> list:
-    return [alert for t in traces for alert in monitor.update(t)]
+def levels(alerts: list) -> list[tuple[int, str, str]]:
+    return [(a.step, a.level, a.rule) for a in alerts]
 
 
-def test_a_stable_noisy_stream_raises_no_warning_or_critical() -> None:
-    alerts = run(RampMonitor(SpinalConfig()), noisy_stream(200))
-    assert [a for a in alerts if a.level != "info"] == []
+def feed(watched: RampMonitor, traces: list[DepthTrace]) -> list:
+    return [alert for t in traces for alert in watched.update(t)]
 
 
-def test_non_finite_trace_is_critical_at_once_even_during_warmup() -> None:
-    alerts = RampMonitor(SpinalConfig(warmup_probes=5)).update(
-        trace(0, contraction_slope=float("nan"))
-    )
-    assert [(a.level, a.rule) for a in alerts] == [("critical", "non_finite")]
-    assert alerts[0].layers == [5]
+# ---- language_drift --------------------------------------------------------------------------
 
 
-def test_nothing_but_non_finite_fires_during_warmup() -> None:
-    monitor = RampMonitor(SpinalConfig(warmup_probes=5))
-    alerts = run(monitor, [trace(0), trace(10), trace(20, jaggedness=50.0)])
+def test_neutral_perplexity_multiples_raise_warning_then_critical_at_once() -> None:
+    watched = monitor(perplexity_warning=1.3, perplexity_critical=1.6)
+    nlls = [REFERENCE_NLL + math.log(m) for m in (1.05, 1.4, 1.7)]
+    alerts = feed(watched, [trace(10 * (i + 1), nll=n) for i, n in enumerate(nlls)])
+    drift = [a for a in alerts if a.rule == "language_drift"]
+    assert [(a.step, a.level) for a in drift] == [(20, "warning"), (30, "critical")]
+    assert drift[-1].value == pytest.approx(1.7) and drift[-1].threshold == 1.6
+    assert drift[-1].metric == "spinal/neutral/perplexity_ratio"
+    assert "learning rate" in drift[-1].message
+
+
+def test_a_reference_without_language_mutes_the_perplexity_rule() -> None:
+    rule = LanguageDrift(SpinalConfig())
+    rule.calibrate(trace(0, nll=0.9 * math.log(VOCAB)))
+    assert rule.score_trace(trace(10, nll=2 * math.log(VOCAB))) == []
+    rule.calibrate(trace(0, neutral=False))
+    assert rule.score_trace(trace(10, nll=50.0)) == []
+
+
+def test_lower_perplexity_than_the_reference_is_not_an_alert() -> None:
+    assert feed(monitor(), [trace(10, nll=REFERENCE_NLL - 1.0)]) == []
+
+
+# ---- trace_departure -------------------------------------------------------------------------
+
+
+def test_departure_is_relative_and_sign_free() -> None:
+    reference = trace(0).neutral
+    assert reference is not None
+    up = scaled(10, 0.1).neutral
+    down = scaled(10, -0.1).neutral
+    assert up is not None and down is not None
+    assert departure(up, reference) == pytest.approx(0.1)
+    assert departure(down, reference) == pytest.approx(0.1)
+    assert departure(reference, reference) == 0.0
+    bigger = trace(0, contraction=tuple(10 * c for c in CONTRACTION)).neutral
+    moved = trace(0, contraction=tuple(11 * c for c in CONTRACTION)).neutral
+    assert bigger is not None and moved is not None
+    assert departure(moved, bigger) == pytest.approx(0.1)
+
+
+def test_departure_is_scored_in_units_of_the_early_pace() -> None:
+    watched = monitor(departure_warning=3.0, departure_critical=6.0)
+    pace = 0.04
+    factors = [pace, 2 * pace, 4 * pace, 7 * pace, 2 * pace]
+    alerts = feed(watched, [scaled(10 * (i + 1), f) for i, f in enumerate(factors)])
+    departure_alerts = [(a.step, a.level) for a in alerts if a.rule == "trace_departure"]
+    assert departure_alerts == [(30, "warning"), (40, "critical")]
+    assert alerts[-1].value == pytest.approx(7.0) and alerts[-1].threshold == 6.0
+
+
+def test_a_healthy_trace_that_moves_at_its_early_pace_raises_nothing() -> None:
+    rng = random.Random(0)
+    factors = [0.01 + 0.0002 * i + rng.gauss(0, 0.001) for i in range(100)]
+    watched = monitor()
+    assert feed(watched, [scaled(10 * (i + 1), f) for i, f in enumerate(factors)]) == []
+
+
+def test_departure_has_a_resolution_floor_so_a_still_start_is_not_its_unit() -> None:
+    watched = monitor(departure_warning=3.0, departure_critical=None)
+    alerts = feed(watched, [scaled(10, 1e-6), scaled(20, 0.03)])
     assert alerts == []
 
 
-def test_a_jump_becomes_critical_only_after_patience_probes() -> None:
-    monitor = RampMonitor(SpinalConfig(patience=2, z_critical=10.0))
-    run(monitor, noisy_stream(20))
-    first = monitor.update(trace(200, jaggedness=5.0))
-    second = monitor.update(trace(210, jaggedness=50.0))
-    jump = "spinal/ramp/jaggedness"
-    assert {a.level for a in first if a.metric == jump and a.rule == "robust_z"} == {"info"}
-    assert "critical" in {a.level for a in second if a.metric == jump and a.rule == "robust_z"}
+# ---- non_finite ------------------------------------------------------------------------------
 
 
-def test_by_default_a_change_alone_is_at_most_a_warning() -> None:
-    monitor = RampMonitor(SpinalConfig(patience=1))
-    run(monitor, noisy_stream(20))
-    alerts = run(monitor, [trace(200, jaggedness=50.0), trace(210, jaggedness=500.0)])
-    assert {a.level for a in alerts if a.rule == "robust_z"} == {"warning"}
-
-
-def test_a_lone_spike_that_returns_is_not_escalated() -> None:
-    monitor = RampMonitor(SpinalConfig(patience=2))
-    run(monitor, noisy_stream(20))
-    alerts = run(monitor, [trace(200, jaggedness=5.0), trace(210), trace(220)])
-    assert not any(a.level == "critical" for a in alerts)
-
-
-def test_slow_persistent_drift_is_caught_by_cusum() -> None:
-    monitor = RampMonitor(SpinalConfig())
-    run(monitor, noisy_stream(20))
-    rng = random.Random(1)
-    drifting = [
-        trace(200 + 10 * i, contraction_slope=0.8 - 0.004 * i + rng.gauss(0, 0.008))
-        for i in range(60)
-    ]
-    alerts = run(monitor, drifting)
-    assert any(a.rule == "cusum" and a.level == "info" for a in alerts)
-    assert not any(a.level == "critical" for a in alerts)
-
-
-def test_alerts_carry_step_metric_threshold_and_an_actionable_message() -> None:
-    monitor = RampMonitor(SpinalConfig(patience=1, z_critical=10.0))
-    run(monitor, noisy_stream(20))
-    alert = next(a for a in monitor.update(trace(999, tortuosity=40.0)) if a.rule == "robust_z")
-    assert (alert.step, alert.metric, alert.level) == (999, "spinal/ramp/tortuosity", "critical")
-    assert alert.value > alert.threshold == 10.0
-    assert "learning rate" in alert.message
-
-
-def test_monitored_restricts_the_watched_summaries() -> None:
-    monitor = RampMonitor(SpinalConfig(monitored=["jaggedness"], patience=1))
-    run(monitor, noisy_stream(20))
-    alerts = monitor.update(trace(999, tortuosity=40.0, jaggedness=0.05))
-    assert alerts == []
-
-
-def test_state_dict_round_trips_exactly_and_continues_identically() -> None:
-    stream = noisy_stream(40, seed=3)
-    original = RampMonitor(SpinalConfig())
-    run(original, stream[:25])
-    restored = RampMonitor(SpinalConfig())
-    restored.load_state_dict(original.state_dict())
-    assert restored.state_dict() == original.state_dict()
-    rest = [*stream[25:], trace(999, jaggedness=9.0), trace(1009, jaggedness=90.0)]
-    assert [a.to_dict() | {"time": 0} for a in run(original, rest)] == [
-        a.to_dict() | {"time": 0} for a in run(restored, rest)
-    ]
-
-
-def test_loading_state_for_other_metrics_is_rejected() -> None:
-    state = RampMonitor(SpinalConfig(monitored=["jaggedness"])).state_dict()
-    with pytest.raises(ValueError, match="lacks metrics"):
-        RampMonitor(SpinalConfig()).load_state_dict(state)
-
-
-def test_every_summary_has_advice() -> None:
-    from spinal_callback.detector import ADVICE
-
-    assert set(ADVICE) == set(RAMP_SUMMARY_NAMES)
-
-
-def ramp(slopes: list[float]) -> list[DepthTrace]:
-    return [trace(10 * i, contraction_slope=slope) for i, slope in enumerate(slopes)]
-
-
-def test_a_rising_ramp_with_small_dips_raises_nothing() -> None:
-    slopes = [-0.8, -0.5, -0.6, -0.3, -0.35, 0.0, 0.2, 0.1, 0.3, 0.25, 0.4]
-    assert run(RampMonitor(SpinalConfig()), ramp(slopes)) == []
-
-
-def test_a_reversed_ramp_warns_then_goes_critical_after_patience() -> None:
-    config = SpinalConfig(ramp_drop_warning=0.4, ramp_drop_critical=0.8, patience=2)
-    alerts = run(RampMonitor(config), ramp([-0.7, -0.2, -0.65, -0.7, -1.1, -1.2]))
-    reversal = [(a.step, a.level) for a in alerts if a.rule == "ramp_reversal"]
-    assert reversal == [(20, "info"), (30, "warning"), (40, "critical"), (50, "critical")]
-    last = alerts[-1]
-    assert last.value == pytest.approx(1.0) and last.threshold == 0.8
-    assert "learning rate" in last.message
-
-
-def test_ramp_reversal_needs_no_warmup() -> None:
-    monitor = RampMonitor(SpinalConfig(warmup_probes=50, patience=1))
-    alerts = run(monitor, ramp([0.0, -1.0]))
-    assert [(a.level, a.rule) for a in alerts] == [("critical", "ramp_reversal")]
-
-
-def test_ramp_reversal_levels_can_be_switched_off() -> None:
-    only_critical = SpinalConfig(ramp_drop_warning=None, ramp_drop_critical=0.8, patience=1)
-    assert run(RampMonitor(only_critical), ramp([0.0, -0.5])) == []
-    assert [a.level for a in run(RampMonitor(only_critical), ramp([0.0, -0.9]))] == ["critical"]
-
-
-def test_lens_entropy_is_charted_but_not_scored_unless_asked() -> None:
-    collapse = [
-        *noisy_stream(20),
-        *(trace(300 + 10 * i, lens_entropy=4.0 * 0.5**i) for i in range(1, 6)),
-    ]
-    assert run(RampMonitor(SpinalConfig(patience=1)), collapse) == []
-    asked = SpinalConfig(patience=1, monitored=["lens_entropy"])
-    assert any(a.metric == "spinal/ramp/lens_entropy" for a in run(RampMonitor(asked), collapse))
-
-
-def feed_losses(monitor: RampMonitor, losses: list[float], start: int = 1) -> list:
-    return [
-        alert
-        for step, loss in enumerate(losses, start=start)
-        for alert in monitor.update_logs(step, {"loss": loss, "learning_rate": 1e-3})
-    ]
-
-
-def noisy_losses(count: int, seed: int = 0) -> list[float]:
-    rng = random.Random(seed)
-    return [0.3 + rng.gauss(0, 0.02) for _ in range(count)]
-
-
-def test_a_noisy_training_loss_raises_nothing() -> None:
-    assert feed_losses(RampMonitor(SpinalConfig()), noisy_losses(500)) == []
-
-
-def test_a_lone_loss_spike_is_info_and_a_sustained_one_critical() -> None:
-    monitor = RampMonitor(SpinalConfig(patience=2))
-    feed_losses(monitor, noisy_losses(30))
-    lone = feed_losses(monitor, [2.0, 0.3, 0.31], start=31)
-    assert [(a.step, a.level, a.rule) for a in lone] == [(31, "info", "loss_spike")]
-    sustained = feed_losses(monitor, [2.0, 2.2], start=34)
-    assert [(a.step, a.level) for a in sustained] == [(34, "info"), (35, "critical")]
-    assert sustained[-1].metric == "train/loss" and sustained[-1].value > 6.0
+def test_a_non_finite_trace_is_critical_at_once_and_once() -> None:
+    broken = trace(10, contraction=(1.0, math.nan, 1.2, 1.3))
+    broken.contraction = torch.tensor([1.0, math.nan, 1.2, 1.3])
+    watched = monitor()
+    first = watched.update(broken)
+    assert levels(first) == [(10, "critical", "non_finite")]
+    assert first[0].layers == [5]
+    assert watched.update(broken) == []
 
 
 def test_a_non_finite_loss_or_reward_log_is_critical_at_once() -> None:
-    monitor = RampMonitor(SpinalConfig())
-    [nan_loss] = monitor.update_logs(3, {"loss": float("nan")})
-    assert (nan_loss.step, nan_loss.level, nan_loss.rule) == (3, "critical", "non_finite")
-    [nan_margin] = monitor.update_logs(4, {"loss": 0.69, "rewards/margins": float("inf")})
+    watched = monitor()
+    [nan_loss] = watched.update_logs(3, {"loss": math.nan})
+    assert levels([nan_loss]) == [(3, "critical", "non_finite")]
+    watched.update_logs(4, {"loss": 0.69})
+    [nan_margin] = watched.update_logs(5, {"loss": 0.69, "rewards/margins": math.inf})
     assert nan_margin.metric == "rewards/margins" and "loss scale" in nan_margin.message
-    assert monitor.update_logs(5, {"grad_norm": float("inf"), "loss": 0.69}) == []
+    assert watched.update_logs(6, {"grad_norm": math.inf, "loss": 0.69}) == []
 
 
-def test_logs_without_a_loss_are_ignored_and_the_spike_rule_can_be_off() -> None:
-    monitor = RampMonitor(SpinalConfig(loss_spike_z=None, patience=1))
-    feed_losses(monitor, noisy_losses(30))
-    assert monitor.update_logs(31, {"eval_accuracy": 0.5}) == []
-    assert monitor.update_logs(31, {"train_loss": 9.0, "train_runtime": 12.0}) == []
-    assert 9.0 not in monitor.losses
-    assert feed_losses(monitor, [5.0, 5.0], start=32) == []
+# ---- preference_reversal and loss_spike ------------------------------------------------------
 
 
-def test_log_state_round_trips_with_the_trace_state() -> None:
-    original = RampMonitor(SpinalConfig(patience=2))
-    run(original, ramp([0.2, 0.5, 0.1]))
-    feed_losses(original, [*noisy_losses(25), 2.0])
+def feed_losses(watched: RampMonitor, losses: list[float], start: int = 1) -> list:
+    return [
+        alert
+        for step, loss in enumerate(losses, start=start)
+        for alert in watched.update_logs(step, {"loss": loss, "learning_rate": 1e-3})
+    ]
+
+
+def noisy_losses(count: int, level: float = 0.3, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [level + rng.gauss(0, 0.02) for _ in range(count)]
+
+
+def test_a_noisy_training_loss_below_ln2_raises_no_warning_or_critical() -> None:
+    assert [a for a in feed_losses(monitor(), noisy_losses(500)) if a.level != "info"] == []
+
+
+def test_a_loss_that_settles_far_above_ln2_is_a_critical_preference_reversal() -> None:
+    watched = monitor(reversal_margin=0.5)
+    alerts = feed_losses(watched, [0.69, 0.66, 0.62, 1.2, 1.3, 0.5])
+    reversal = [(a.step, a.level) for a in alerts if a.rule == "preference_reversal"]
+    assert reversal == [(5, "critical")]
+    assert alerts[-1].value == pytest.approx(1.25)
+    assert alerts[-1].threshold == pytest.approx(1.5 * math.log(2))
+    assert "rejected" in alerts[-1].message
+
+
+def test_a_broken_run_reverses_from_its_first_logs() -> None:
+    alerts = feed_losses(monitor(), [42.0, 40.0])
+    assert [(a.step, a.level, a.rule) for a in alerts] == [(2, "critical", "preference_reversal")]
+
+
+def test_a_loss_near_ln2_is_not_a_reversal() -> None:
+    rng = random.Random(2)
+    losses = [math.log(2) + rng.gauss(0, 0.05) for _ in range(300)]
+    assert [a for a in feed_losses(monitor(), losses) if a.rule == "preference_reversal"] == []
+
+
+def test_a_lone_loss_spike_is_info_and_a_sustained_one_critical() -> None:
+    watched = monitor(patience=2, loss_window=10)
+    feed_losses(watched, noisy_losses(30))
+    lone = feed_losses(watched, [0.6, 0.3, 0.31], start=31)
+    assert [(a.step, a.level, a.rule) for a in lone] == [(31, "info", "loss_spike")]
+    feed_losses(watched, noisy_losses(10, seed=1), start=34)
+    sustained = feed_losses(watched, [0.6, 0.62], start=44)
+    assert [(a.step, a.level) for a in sustained if a.rule == "loss_spike"] == [
+        (44, "info"),
+        (45, "critical"),
+    ]
+
+
+def test_logs_without_a_training_loss_are_ignored() -> None:
+    watched = monitor(patience=1)
+    feed_losses(watched, noisy_losses(30))
+    assert watched.update_logs(31, {"eval_accuracy": 0.5}) == []
+    assert watched.update_logs(31, {"train_loss": 9.0, "train_runtime": 12.0}) == []
+    assert watched.update_logs(31, {"loss": "n/a"}) == []  # type: ignore[dict-item]
+
+
+# ---- the monitor -----------------------------------------------------------------------------
+
+
+def test_the_first_trace_is_the_reference_when_none_was_set() -> None:
+    watched = RampMonitor(SpinalConfig())
+    assert watched.update(scaled(0, 0.5)) == []
+    assert watched.reference is not None and watched.reference.step == 0
+
+
+def test_every_default_rule_has_a_distinct_name_and_rules_can_be_chosen() -> None:
+    names = [rule.name for rule in DEFAULT_RULES]
+    assert len(set(names)) == len(names) == 5
+    only = RampMonitor(SpinalConfig(), rules=[NonFinite])
+    only.set_reference(trace(0))
+    assert only.update(trace(10, nll=REFERENCE_NLL + 5)) == []
+
+    class Twin(AlertRule):
+        name = "non_finite"
+
+    with pytest.raises(ValueError, match="distinct names"):
+        RampMonitor(SpinalConfig(), rules=[NonFinite, Twin])
+
+
+def test_state_dict_round_trips_through_json_and_continues_identically() -> None:
+    original = monitor(patience=2)
+    feed(original, [scaled(10, 0.04), scaled(20, 0.2)])
+    feed_losses(original, [*noisy_losses(12), 0.9], start=1)
     restored = RampMonitor(SpinalConfig(patience=2))
     restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
     assert restored.state_dict() == original.state_dict()
-    assert [a.level for a in feed_losses(restored, [2.0], start=27)] == ["critical"]
-    assert [a.level for a in run(restored, ramp([0.05]))] == ["warning"]
+    rest = [scaled(30, 0.3), trace(40, nll=REFERENCE_NLL + 1.0)]
+    assert [a.to_dict() | {"time": 0} for a in feed(original, rest)] == [
+        a.to_dict() | {"time": 0} for a in feed(restored, rest)
+    ]
+    assert [a.to_dict() | {"time": 0} for a in feed_losses(original, [0.95], 14)] == [
+        a.to_dict() | {"time": 0} for a in feed_losses(restored, [0.95], 14)
+    ]
+
+
+def test_state_from_an_older_monitor_starts_the_rules_afresh_with_a_warning() -> None:
+    watched = RampMonitor(SpinalConfig())
+    with pytest.warns(UserWarning, match="afresh"):
+        watched.load_state_dict({"history": {}, "streak": {}})
+    assert watched.reference is None
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"ramp_drop_warning": 0.9, "ramp_drop_critical": 0.5},
-        {"ramp_drop_warning": -0.1},
+        {"perplexity_warning": 2.0, "perplexity_critical": 1.5},
+        {"perplexity_warning": 0.9},
+        {"departure_warning": 0.0},
+        {"departure_warning": 5.0, "departure_critical": 4.0},
+        {"reversal_margin": -0.1},
         {"loss_spike_z": 0.0},
         {"loss_window": 2},
     ],

@@ -19,7 +19,7 @@ def make_alert(step: int = 3, level: str = "warning", value: float = 7.5) -> Ale
     return Alert(
         step=step,
         level=level,
-        rule="robust_z",
+        rule="loss_spike",
         metric="spinal/ramp/jaggedness",
         value=value,
         threshold=6.0,

@@ -281,6 +281,7 @@ def test_a_sustained_loss_spike_in_the_logged_metrics_stops_training(
     trainer.fit(module, pair_batches())
     assert [(a.step, a.level, a.rule) for a in alerts] == [
         (8, "info", "loss_spike"),
+        (9, "critical", "preference_reversal"),
         (9, "critical", "loss_spike"),
     ]
     assert trainer.global_step == 9
