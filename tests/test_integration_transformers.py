@@ -134,8 +134,21 @@ def test_summaries_reach_reporting_callbacks_listed_before_it(
     make_dpo_trainer: Callable[..., Any],
 ) -> None:
     recorder = LogRecorder()
-    make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4), extra_callbacks=[recorder]).train()
+    spinal = SpinalTrainerCallback(every_n_steps=4)
+    make_dpo_trainer(spinal, extra_callbacks=[recorder]).train()
     assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
+    assert {"spinal/neutral/perplexity_ratio", "spinal/neutral/departure"} <= recorder.keys
+
+
+def test_the_monitor_is_calibrated_on_the_reference_trace(
+    make_dpo_trainer: Callable[..., Any],
+) -> None:
+    spinal = SpinalTrainerCallback(every_n_steps=4)
+    make_dpo_trainer(spinal).train()
+    session = spinal.session
+    assert session.reference is not None and session.monitor.reference is session.reference
+    assert session.reference.neutral is not None
+    assert session.monitor.probes_seen == len(spinal.traces)
 
 
 def test_resume_writes_no_duplicate_and_no_missing_probe_steps(

@@ -13,8 +13,9 @@ from spinal_callback.rules.language import has_language
 from spinal_callback.trace import DepthTrace
 
 RESOLUTION = 0.02
-"""Relative change of a late-layer score that a probe resolves: smaller moves are estimation
-noise (token subsampling, float32 spectra), not a reorganisation of the layers."""
+"""Floor of the early pace, as a relative change: a run whose first probe barely moved (most
+healthy runs: under 1% in the benchmark's dev split) is scored against 2%, not against a pace
+near zero that any later move would dwarf."""
 
 
 def departure(trace: DepthTrace, reference: DepthTrace) -> float:
@@ -47,8 +48,10 @@ class TraceDeparture(AlertRule):
 
     The first probe after the reference sets the pace: ``max(RESOLUTION, its departure)``. Later
     departures are scored as multiples of that pace: warning at ``departure_warning``, critical
-    at ``departure_critical`` on ``patience`` probes in a row. On text the run does not train on,
-    a healthy run's trace barely moves after its first steps; damage moves it further and faster.
+    at ``departure_critical`` (off by default, see ``SpinalConfig``), at once: the probe texts
+    are fixed, so the trace has no sampling noise from probe to probe to wait out. On text the
+    run does not train on, a healthy run's trace barely moves after its first steps; damage
+    moves it further and faster.
 
     Silent without a neutral probe, and where the reference has no language (``has_language``):
     a random-initialised model learns the statistics of every text from its preference data, so
