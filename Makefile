@@ -40,7 +40,8 @@ real-model: install
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/probe_cost.py
 	PYTHONPATH=. $(BIN)/python bench/overhead.py
-	PYTHONPATH=. $(BIN)/python bench/early_warning.py
+	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split dev --seeds 0 2
+	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split test
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 
 clean:

@@ -6,7 +6,8 @@ and records everything the monitor received. Then replays the monitor (and two b
 read the same DPO logs) on every run and scores them against outcome-defined failure steps.
 
 Splits (chosen before any tuning; the defaults of ``SpinalConfig`` were set on ``dev`` only):
-    dev    llama-4, gpt2-6, qwen3-8 and the demo's random-initialised llama-4 x tasks repeat, copy
+    dev    llama-4, gpt2-6 and the demo's random-initialised llama-4 x tasks repeat, copy
+           (tuned on seeds 0 and 2: ``--split dev --seeds 0 2``)
     test   gpt_neox-6, phi3-4, gemma2-8 x tasks reverse, lengths
     real   SmolLM2-135M-Instruct (``make real-model``) x task repeat (the recipe's "say:" prompts)
 Every subject x task runs the conditions of ``dpo_runs.CONDITIONS`` with seeds 0 and 1 through
@@ -91,7 +92,6 @@ SPLITS: dict[str, Callable[[], Split]] = {
         (
             Subject("llama-4", "llama", layers=4),
             Subject("gpt2-6", "gpt2", layers=6),
-            Subject("qwen3-8", "qwen3", layers=8),
             Subject(
                 "demo-llama-4",
                 "llama",
