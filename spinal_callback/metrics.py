@@ -1,6 +1,6 @@
 """The scores of a depth trace, as pure tensor functions (no models, no trainers).
 
-Contraction (DESIGN section 3): the power-law exponent ``alpha`` of the tail of a layer's
+Contraction: the power-law exponent ``alpha`` of the tail of a layer's
 activation covariance spectrum, ``log lambda_k = c - alpha * log k`` fitted by least squares
 over the rank band ``k in [ceil(tail_low * r), floor(tail_high * r)]``, ``r = min(n - 1, d)``.
 
@@ -260,7 +260,7 @@ def ramp_summaries(
     lens_entropy: Tensor,
     depth: Tensor,
 ) -> dict[str, Tensor]:
-    """The late-band summaries of one probe (DESIGN section 3).
+    """The late-band summaries of one probe.
 
     Args:
         contraction: ``[L]`` float32 contraction per late layer.

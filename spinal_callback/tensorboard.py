@@ -1,9 +1,11 @@
 """Everything that writes depth traces and alerts to a TensorBoard ``SummaryWriter``.
 
-Tags (DESIGN section 6):
+Tags:
     spinal/contraction/L{ii}            contraction of late block ii
     spinal/transport/L{ii}              transport from late block ii to the next late block
     spinal/ramp/<summary>               ramp summaries
+    spinal/neutral/perplexity_ratio     neutral-text perplexity over the reference's
+    spinal/neutral/departure            relative change of the neutral trace from the reference's
     spinal/reference/...                the same for the reference (baseline) trace, repeated at
                                         every probe step so it draws as a flat line beside the run
     spinal/drift/L{ii}                  drift of block ii's output from the reference's (every
@@ -33,7 +35,7 @@ REFERENCE_PREFIX = "spinal/reference"
 
 
 def trace_scalars(trace: DepthTrace, prefix: str = PREFIX) -> dict[str, float]:
-    """All scalars of a trace under the DESIGN tag names, as Python floats."""
+    """All scalars of a trace under the tag names above, as Python floats."""
     scalars = {
         f"{prefix}/contraction/L{layer:02d}": value
         for layer, value in zip(trace.layers, trace.contraction.tolist())

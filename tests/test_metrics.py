@@ -1,4 +1,4 @@
-"""Scores against closed forms (DESIGN section 3)."""
+"""Scores against closed forms."""
 
 from __future__ import annotations
 
