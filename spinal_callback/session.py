@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from spinal_callback.drift import (
 from spinal_callback.events import Alert, AlertLevel, EventLog
 from spinal_callback.model_access import ModelParts, peft_model_in
 from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.rules.language import has_language
 from spinal_callback.tensorboard import TraceBoard, summary_scalars
 from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
 from spinal_callback.trace import DepthTrace
@@ -186,6 +188,11 @@ class ProbeSession:
         if self.reference is None:
             self.reference = self._reference_trace(model, step) or trace
             self.monitor.set_reference(self.reference)
+            note = muted_neutral_rules_note(self.reference)
+            if note is not None:
+                logger.warning("spinal-callback: %s", note)
+                if self.board is not None:
+                    self.board.write_note(step, note)
         self.history.append(trace)
         alerts = self.monitor.update(trace)
         self.pending_logs.update(summary_scalars(trace, self.reference))
@@ -439,6 +446,28 @@ def _probe_alert(step: int, message: str) -> Alert:
 def _release_cached_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def muted_neutral_rules_note(reference: DepthTrace) -> str | None:
+    """Why ``language_drift`` and ``trace_departure`` stay silent for this run, or ``None``.
+
+    They need a reference that predicts the neutral texts clearly better than chance; a
+    random-initialised model, or neutral texts in a language the model does not know, has no
+    language for them to watch.
+    """
+    neutral = reference.neutral
+    if neutral is None or neutral.next_token_nll is None or has_language(reference):
+        return None
+    vocabulary = neutral.metadata.get("vocab_size")
+    chance = "unknown"
+    if isinstance(vocabulary, int) and vocabulary > 1:
+        chance = f"{math.log(vocabulary):.2f}"
+    return (
+        f"the reference predicts the neutral texts little better than chance (next-token NLL "
+        f"{neutral.next_token_nll:.2f} nats against ln V = {chance}); language_drift and "
+        "trace_departure are off for this run. Pass neutral_texts= in the model's language, or "
+        "expect only the log rules and non_finite on a random-initialised model"
+    )
 
 
 def _stored_reference(entry: dict[str, Any]) -> Tensor | None:

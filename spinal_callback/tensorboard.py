@@ -170,6 +170,10 @@ class TraceBoard:
         level = max((alert.severity for alert in alerts), default=0)
         self.writer.add_scalar(f"{PREFIX}/alert_level", int(level), step)
 
+    def write_note(self, step: int, text: str) -> None:
+        """One note in the ``spinal/notes`` text tab at ``step``."""
+        self.writer.add_text(f"{PREFIX}/notes", text, step)
+
     def write_alert_text(self, alert: Alert) -> None:
         """One ``spinal/alerts`` text entry."""
         text = f"**{alert.level}** `{alert.rule}` on `{alert.metric}`: {alert.message}"

@@ -107,6 +107,16 @@ def test_a_reference_without_language_mutes_the_perplexity_rule() -> None:
     assert rule.score_trace(trace(10, nll=50.0)) == []
 
 
+def test_a_muted_neutral_probe_is_explained_once_at_setup() -> None:
+    from spinal_callback.session import muted_neutral_rules_note
+
+    note = muted_neutral_rules_note(trace(0, nll=0.9 * math.log(VOCAB)))
+    assert note is not None and "language_drift and trace_departure are off" in note
+    assert f"{math.log(VOCAB):.2f}" in note
+    assert muted_neutral_rules_note(trace(0)) is None
+    assert muted_neutral_rules_note(trace(0, neutral=False)) is None
+
+
 def test_lower_perplexity_than_the_reference_is_not_an_alert() -> None:
     assert feed(monitor(), [trace(10, nll=REFERENCE_NLL - 1.0)]) == []
 
