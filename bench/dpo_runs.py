@@ -445,6 +445,36 @@ def lr_lambda(spec: RunSpec) -> Callable[[int], float]:
     )
 
 
+def optimizer_and_schedule(spec: RunSpec, parameters: Any) -> tuple[Any, Any]:
+    """AdamW at the subject's healthy lr, scaled every step by the condition's schedule."""
+    optimizer = torch.optim.AdamW(parameters, lr=spec.subject.learning_rate, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+
+
+def inject_overflow(spec: RunSpec, model: nn.Module, step: int) -> None:
+    """Corrupt the gradients of optimizer step ``step`` when the condition overflows by then."""
+    condition = CONDITIONS[spec.condition]
+    if condition.overflow_at is None:
+        return
+    start = int(condition.overflow_at * spec.subject.steps)
+    if step > start:
+        overflow_gradients(model, step, start)
+
+
+def record_monitor(spinal: Any) -> RecordingMonitor:
+    """Swap the callback's monitor for one that records every input it receives."""
+    monitor = RecordingMonitor(spinal.config)
+    spinal.session.monitor = monitor
+    return monitor
+
+
+def finish(record: RunRecord, spinal: Any, monitor: RecordingMonitor, steps: int) -> None:
+    reference = spinal.session.reference
+    record.reference = None if reference is None else reference.to_dict()
+    record.events = monitor.events
+    record.steps_run = steps
+
+
 def run_trl(
     spec: RunSpec,
     policy: nn.Module,
@@ -460,29 +490,22 @@ def run_trl(
 
     from spinal_callback.integrations.transformers import SpinalTrainerCallback
 
-    subject, condition = spec.subject, CONDITIONS[spec.condition]
+    subject = spec.subject
     spinal = SpinalTrainerCallback(ref_model=reference, **callback_options(spec, data))
-    monitor = RecordingMonitor(spinal.config)
-    spinal.session.monitor = monitor
-    overflow_from = (
-        int(condition.overflow_at * subject.steps) if condition.overflow_at is not None else None
-    )
+    monitor = record_monitor(spinal)
 
     class Labels(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             record.evals.append(outcomes.measure(kwargs["model"], 0))
 
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            step = state.global_step + 1
-            if overflow_from is not None and step > overflow_from:
-                overflow_gradients(kw["model"], step, overflow_from)
+            inject_overflow(spec, kw["model"], state.global_step + 1)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % spec.eval_every == 0:
                 record.evals.append(outcomes.measure(kwargs["model"], state.global_step))
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=subject.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    optimizer, scheduler = optimizer_and_schedule(spec, policy.parameters())
     args = DPOConfig(
         output_dir=str(RESULTS / "scratch" / spec.key),
         max_steps=subject.steps,
@@ -508,11 +531,7 @@ def run_trl(
         optimizers=(optimizer, scheduler),
     )
     trainer.train()
-    record.reference = (
-        None if spinal.session.reference is None else spinal.session.reference.to_dict()
-    )
-    record.events = monitor.events
-    record.steps_run = trainer.state.global_step
+    finish(record, spinal, monitor, trainer.state.global_step)
 
 
 def run_lightning(
@@ -533,20 +552,13 @@ def run_lightning(
     from recipes.lightning_dpo import DPOModule
     from spinal_callback.integrations.lightning import SpinalCallback
 
-    subject, condition = spec.subject, CONDITIONS[spec.condition]
+    subject = spec.subject
     spinal = SpinalCallback(**callback_options(spec, data))
-    monitor = RecordingMonitor(spinal.config)
-    spinal.session.monitor = monitor
-    overflow_from = (
-        int(condition.overflow_at * subject.steps) if condition.overflow_at is not None else None
-    )
+    monitor = record_monitor(spinal)
 
     class Module(DPOModule):
         def configure_optimizers(self) -> Any:
-            optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=subject.learning_rate, weight_decay=0.0
-            )
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+            optimizer, scheduler = optimizer_and_schedule(spec, self.model.parameters())
             return {
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -557,9 +569,7 @@ def run_lightning(
             record.evals.append(outcomes.measure(pl_module.model, 0))
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            step = trainer.global_step + 1
-            if overflow_from is not None and step > overflow_from:
-                overflow_gradients(pl_module.model, step, overflow_from)
+            inject_overflow(spec, pl_module.model, trainer.global_step + 1)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             if trainer.global_step % spec.eval_every == 0:
@@ -588,8 +598,4 @@ def run_lightning(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader)
-    record.reference = (
-        None if spinal.session.reference is None else spinal.session.reference.to_dict()
-    )
-    record.events = monitor.events
-    record.steps_run = trainer.global_step
+    finish(record, spinal, monitor, trainer.global_step)

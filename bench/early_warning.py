@@ -324,6 +324,15 @@ def detectors(config: SpinalConfig) -> dict[str, Callable[[RunRecord], int | Non
 # ---- scoring ------------------------------------------------------------------------------
 
 
+def lead(row: dict[str, Any], detector: str) -> int | None:
+    """Steps from ``detector``'s first alert to the run's failure; ``None`` when the run did not
+    fail, or the detector was silent or late."""
+    failure, alert = row["failure_step"], row["first_alert"][detector]
+    if failure is None or alert is None or alert > failure:
+        return None
+    return int(failure - alert)
+
+
 def score(
     records: Sequence[RunRecord], config: SpinalConfig
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -355,24 +364,14 @@ def score(
         healthy = [
             row for row in rows if not row["intended_failing"] and row["failure_step"] is None
         ]
-        leads = [
-            row["failure_step"] - row["first_alert"][name]
-            for row in failing
-            if row["first_alert"][name] is not None
-            and row["first_alert"][name] <= row["failure_step"]
-        ]
+        leads = [lead(row, name) for row in failing if lead(row, name) is not None]
         table[name] = {
             "caught": len(leads),
             "failing": len(failing),
             "false_alarms": sum(row["first_alert"][name] is not None for row in healthy),
             "healthy": len(healthy),
             "median_lead": statistics.median(leads) if leads else None,
-            "missed": [
-                row["key"]
-                for row in failing
-                if row["first_alert"][name] is None
-                or row["first_alert"][name] > row["failure_step"]
-            ],
+            "missed": [row["key"] for row in failing if lead(row, name) is None],
         }
     return table, rows
 
@@ -411,75 +410,64 @@ def print_cells(rows: Sequence[dict[str, Any]], detector: str) -> None:
 BASELINES = ("loss spike (logs)", "margins/accuracies drop (logs)")
 
 
-def markdown_cells(rows: Sequence[dict[str, Any]], detector: str) -> str:
-    """One Markdown row per subject x task x condition: how many runs failed, and per detector
-    how many failures it caught by their failure step (with the median lead, in steps) or, for
-    runs that did not fail, how many it alerted on (false alarms when the setting is healthy)."""
-    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+HEADERS = {"subject": "model"}
+
+
+def markdown_table(
+    rows: Sequence[dict[str, Any]],
+    detector: str,
+    columns: tuple[str, ...],
+    cell: Callable[[list[int], int, int, int], str],
+    failed_label: str = "failed",
+) -> str:
+    """One Markdown row per distinct value of ``columns``: how many runs failed, and per detector
+    ``cell(leads, failed, alerted, unfailed)``, where ``leads`` are the steps by which it caught
+    failures in time and ``alerted`` counts the runs that did not fail but got an alert."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        cells.setdefault((row["subject"], row["task"], row["condition"]), []).append(row)
+        groups.setdefault(tuple(row[column] for column in columns), []).append(row)
     names = (detector, *BASELINES)
-    lines = [
-        "| model | task | condition | failed | " + " | ".join(names) + " |",
-        "|---|---|---|---|" + "---|" * len(names),
-    ]
-    for (subject, task, condition), group in cells.items():
+    header = [HEADERS.get(c, c) for c in columns] + [failed_label, *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for values, group in groups.items():
         failed = [r for r in group if r["failure_step"] is not None]
         quiet = [r for r in group if r["failure_step"] is None]
         parts = []
         for name in names:
-            leads = [
-                r["failure_step"] - r["first_alert"][name]
-                for r in failed
-                if r["first_alert"][name] is not None
-                and r["first_alert"][name] <= r["failure_step"]
-            ]
+            leads = [lead(r, name) for r in failed if lead(r, name) is not None]
             alarms = sum(r["first_alert"][name] is not None for r in quiet)
-            text = []
-            if failed:
-                lead = f" (lead {statistics.median(leads):g})" if leads else ""
-                text.append(f"caught {len(leads)}/{len(failed)}{lead}")
-            if quiet:
-                text.append(f"alerted {alarms}/{len(quiet)} unfailed")
-            parts.append("; ".join(text))
-        lines.append(
-            f"| {subject} | {task} | {condition} | {len(failed)}/{len(group)} | "
-            + " | ".join(parts)
-            + " |"
-        )
+            parts.append(cell(leads, len(failed), alarms, len(quiet)))  # type: ignore[arg-type]
+        lines.append("| " + " | ".join([*values, f"{len(failed)}/{len(group)}", *parts]) + " |")
     return "\n".join(lines)
+
+
+def _cell_text(leads: list[int], failed: int, alarms: int, quiet: int) -> str:
+    text = []
+    if failed:
+        median = f" (lead {statistics.median(leads):g})" if leads else ""
+        text.append(f"caught {len(leads)}/{failed}{median}")
+    if quiet:
+        text.append(f"alerted {alarms}/{quiet} unfailed")
+    return "; ".join(text)
+
+
+def _condition_text(leads: list[int], failed: int, alarms: int, quiet: int) -> str:
+    text = f"{len(leads)}/{failed}" if failed else "-"
+    if leads:
+        text += f", lead {statistics.median(leads):g}"
+    if quiet:
+        text += f"; alerted {alarms}/{quiet} unfailed"
+    return text
+
+
+def markdown_cells(rows: Sequence[dict[str, Any]], detector: str) -> str:
+    """One row per subject x task x condition (the README's details table)."""
+    return markdown_table(rows, detector, ("subject", "task", "condition"), _cell_text)
 
 
 def markdown_conditions(rows: Sequence[dict[str, Any]], detector: str) -> str:
-    """The per-cell table summed over models and tasks: one Markdown row per condition."""
-    by_condition: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_condition.setdefault(row["condition"], []).append(row)
-    names = (detector, *BASELINES)
-    lines = [
-        "| condition | runs failed | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
-    for condition, group in by_condition.items():
-        failed = [r for r in group if r["failure_step"] is not None]
-        quiet = [r for r in group if r["failure_step"] is None]
-        parts = []
-        for name in names:
-            leads = [
-                r["failure_step"] - r["first_alert"][name]
-                for r in failed
-                if r["first_alert"][name] is not None
-                and r["first_alert"][name] <= r["failure_step"]
-            ]
-            alarms = sum(r["first_alert"][name] is not None for r in quiet)
-            text = f"{len(leads)}/{len(failed)}" if failed else "-"
-            if leads:
-                text += f", lead {statistics.median(leads):g}"
-            if quiet:
-                text += f"; alerted {alarms}/{len(quiet)} unfailed"
-            parts.append(text)
-        lines.append(f"| {condition} | {len(failed)}/{len(group)} | " + " | ".join(parts) + " |")
-    return "\n".join(lines)
+    """The per-cell table summed over models and tasks: one row per condition."""
+    return markdown_table(rows, detector, ("condition",), _condition_text, "runs failed")
 
 
 def healthy_profile(records: Sequence[RunRecord]) -> list[dict[str, Any]]:

@@ -217,8 +217,7 @@ class ProbeSession:
 
         Call it on every rank at the same steps (every logging step), then ``decide_stop``.
         """
-        scalars = {key: value for key, value in logs.items() if isinstance(value, (int, float))}
-        alerts = self.monitor.update_logs(step, scalars)
+        alerts = self.monitor.update_logs(step, logs)
         if alerts and self.board is not None:
             self.board.write_alerts(step, alerts)
             self.board.flush()

@@ -71,6 +71,22 @@ class AlertRule:
             if name in state:
                 setattr(self, name, _restored(getattr(self, name), state[name]))
 
+    def leveled_alert(
+        self,
+        step: int,
+        metric: str,
+        value: float,
+        levels: tuple[float | None, float | None],
+        message: str,
+    ) -> list[Alert]:
+        """One alert at the highest of the (warning, critical) ``levels`` that ``value`` reaches
+        (``None`` turns a level off), or none."""
+        warning, critical = levels
+        for level, threshold in ((AlertLevel.CRITICAL, critical), (AlertLevel.WARNING, warning)):
+            if threshold is not None and value >= threshold:
+                return [self.alert(step, level, metric, value, threshold, message)]
+        return []
+
     def alert(
         self,
         step: int,
@@ -91,17 +107,6 @@ class AlertRule:
             message=message,
             layers=list(layers or []),
         )
-
-
-def crossed_level(
-    value: float, warning: float | None, critical: float | None
-) -> tuple[AlertLevel, float] | None:
-    """The highest level whose threshold ``value`` reaches, with that threshold."""
-    if critical is not None and value >= critical:
-        return AlertLevel.CRITICAL, critical
-    if warning is not None and value >= warning:
-        return AlertLevel.WARNING, warning
-    return None
 
 
 MAD_TO_SIGMA = 1.4826

@@ -8,7 +8,7 @@ import torch
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import Alert
-from spinal_callback.rules.base import AlertRule, crossed_level
+from spinal_callback.rules.base import AlertRule
 from spinal_callback.rules.language import has_language
 from spinal_callback.trace import DepthTrace
 
@@ -83,16 +83,12 @@ class TraceDeparture(AlertRule):
             self.pace = max(RESOLUTION, distance)
             return []
         multiple = distance / self.pace
-        config = self.config
-        crossed = crossed_level(multiple, config.departure_warning, config.departure_critical)
-        if crossed is None:
-            return []
-        level, threshold = crossed
         message = (
             f"the late layers' trace on neutral text is {distance:.1%} away from the reference, "
             f"{multiple:.1f}x its early pace: the updates are reorganising the late layers beyond "
             "what the preference data asks. Lower the learning rate (or raise beta) and resume "
             "from a checkpoint saved before this alert"
         )
+        levels = (self.config.departure_warning, self.config.departure_critical)
         metric = "spinal/neutral/departure"
-        return [self.alert(trace.step, level, metric, multiple, threshold, message)]
+        return self.leveled_alert(trace.step, metric, multiple, levels, message)

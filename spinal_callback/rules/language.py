@@ -6,7 +6,7 @@ import math
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import Alert
-from spinal_callback.rules.base import AlertRule, crossed_level
+from spinal_callback.rules.base import AlertRule
 from spinal_callback.trace import DepthTrace
 
 LANGUAGE_SHARE = 0.5
@@ -63,15 +63,11 @@ class LanguageDrift(AlertRule):
         multiple = None if self.reference is None else perplexity_ratio(trace, self.reference)
         if multiple is None or not math.isfinite(multiple):
             return []
-        config = self.config
-        crossed = crossed_level(multiple, config.perplexity_warning, config.perplexity_critical)
-        if crossed is None:
-            return []
-        level, threshold = crossed
         message = (
             f"perplexity on neutral text is {multiple:.2f}x the reference's: the updates are "
             "damaging the model's language beyond the preference data. Lower the learning rate "
             "(or raise beta) and resume from a checkpoint saved before this alert"
         )
+        levels = (self.config.perplexity_warning, self.config.perplexity_critical)
         metric = "spinal/neutral/perplexity_ratio"
-        return [self.alert(trace.step, level, metric, multiple, threshold, message)]
+        return self.leveled_alert(trace.step, metric, multiple, levels, message)
