@@ -43,6 +43,8 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split dev --seeds 0 2
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split test
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
+	PYTHONPATH=. $(BIN)/python -m bench.long_run
+	PYTHONPATH=. $(BIN)/python -m bench.board_growth
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit spinal_localize bench/results .pytest_cache .mypy_cache .ruff_cache

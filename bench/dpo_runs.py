@@ -464,12 +464,12 @@ def inject_overflow(spec: RunSpec, model: nn.Module, step: int) -> None:
 def record_monitor(spinal: Any) -> RecordingMonitor:
     """Swap the callback's monitor for one that records every input it receives."""
     monitor = RecordingMonitor(spinal.config)
-    spinal.session.monitor = monitor
+    spinal.runner.monitor = monitor
     return monitor
 
 
 def finish(record: RunRecord, spinal: Any, monitor: RecordingMonitor, steps: int) -> None:
-    reference = spinal.session.reference
+    reference = spinal.runner.reference
     record.reference = None if reference is None else reference.to_dict()
     record.events = monitor.events
     record.steps_run = steps

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if callback.traces:
             final = callback.traces[-1].summary
             metrics.update({f"spinal/{name}": value for name, value in final.items()})
-        metrics["spinal/alerts"] = float(len(callback.session.alerts))
+        metrics["spinal/alerts"] = float(len(callback.runner.alerts))
     return metrics
 
 

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     if callbacks and callbacks[0].traces:
         final = callbacks[0].traces[-1]
         metrics.update({f"spinal/{name}": value for name, value in final.summary.items()})
-        metrics["spinal/alerts"] = float(len(callbacks[0].session.alerts))
+        metrics["spinal/alerts"] = float(len(callbacks[0].runner.alerts))
     return metrics
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from spinal_callback.config import TRANSPORT_MEASURES, SpinalConfig
 from spinal_callback.loading import (
     DTYPES,
+    check_device,
     checkpoint_directory,
     is_adapter_directory,
     load_local_adapted_model,
@@ -32,17 +33,33 @@ from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
 
+# The failures a user can cause and fix: missing, unreadable or damaged files, including
+# checkpoints (``CheckpointLoadError`` is an ``OSError``) and traces (``DepthTraceFormatError``
+# is a ``ValueError``); bad values (an unusable device, mismatched models, malformed pairs); a
+# missing optional dependency. Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (OSError, ValueError, ImportError)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spinal`` console script; returns the exit status."""
+    """Entry point of the ``spinal`` console script.
+
+    Returns:
+        The exit status: 0 on success, 2 on an expected failure (bad arguments, missing or
+        damaged files, an unavailable device), reported as one line on stderr without a
+        traceback.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return int(args.handler(args))
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"spinal {args.command}: error: {error}", file=sys.stderr)
+    except _USER_ERRORS as error:
+        print(f"spinal {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +135,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
+    check_device(args.device, option="--device")
     for path in args.paths:
         checkpoint_directory(path)
     texts = _read_texts(args.texts) if args.texts else list(DEFAULT_PROBE_TEXTS)
@@ -138,6 +156,9 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def _run_localize(args: argparse.Namespace) -> int:
+    check_device(args.device, option="--device")
+    if args.tuned_device is not None:
+        check_device(args.tuned_device, option="--tuned-device")
     adapter = is_adapter_directory(args.tuned)
     for path in (args.base,) if adapter else (args.base, args.tuned):
         checkpoint_directory(path)

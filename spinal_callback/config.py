@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, NamedTuple, get_args, get_type_hints
 
 from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
 
@@ -19,8 +22,19 @@ class SpinalConfig:
     """Configuration shared by the probe, the ramp monitor and the training callbacks.
 
     Every field is a plain type (int, float, str, list, None) so that YAML and ``LightningCLI``
-    can build it. Ranges are checked at construction; a bad value raises ``ValueError`` naming
-    the field, the value and what is accepted.
+    can build it. Types and ranges are checked at construction, and every error names the field,
+    the value and what is accepted:
+
+    - a value of the wrong type raises ``TypeError``; a string is converted where the reading is
+      unambiguous: ``"50"`` for an int field, ``"0.1"`` or ``"1e-3"`` for a float field (``"1.5"``
+      for an int field is an error, and a bool is never a number);
+    - a value of the right type outside its range, a NaN or infinite float, or a blank string
+      raises ``ValueError``;
+    - ``None`` is accepted by the fields typed ``... | None`` only. The strings ``"none"`` and
+      ``"null"`` are not read as ``None`` (``blocks_path="none"`` could be a real attribute
+      path); write ``null`` in YAML or ``None`` in Python;
+    - ``event_log`` also takes an ``os.PathLike`` and stores it as ``str``; ``late_layers`` takes
+      a list or tuple of ints and stores a list.
 
     Probe and scores:
         late_layers: block indices to trace (negative indices count from the end), or ``None``
@@ -35,7 +49,7 @@ class SpinalConfig:
         lens_chunk_mib: upper bound, in MiB, on the float32 logit-lens block held at once.
         autocast_dtype: ``"bfloat16"``/``"float16"`` to run the probe forward under autocast,
             ``None`` to run in the model's own dtype (an enclosing autocast is still honoured).
-        seed: seed of the token subsamples.
+        seed: seed of the token subsamples, an int in ``[0, 2**63)``.
         blocks_path, final_norm_path, head_path: attribute paths (relative to the unwrapped
             ``*ForCausalLM``) of the decoder blocks, final norm and unembedding, for
             architectures the automatic lookup cannot resolve.
@@ -99,9 +113,16 @@ class SpinalConfig:
     neutral_probe: bool = True
 
     def __post_init__(self) -> None:
-        if self.late_layers is not None:
-            self._check_late_layers(self.late_layers)
-            object.__setattr__(self, "late_layers", [int(i) for i in self.late_layers])
+        for item in fields(self):
+            kind, optional = _FIELD_KINDS[item.name]
+            value = _parse_field(item.name, getattr(self, item.name), kind, optional)
+            object.__setattr__(self, item.name, value)
+        if self.late_layers is not None and len(self.late_layers) < 2:
+            raise ValueError(
+                f"SpinalConfig.late_layers needs at least 2 blocks (transport is measured "
+                f"between adjacent blocks), got {self.late_layers}"
+            )
+        _check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         _check_int("spectrum_tokens", self.spectrum_tokens, minimum=MIN_SPECTRUM_TOKENS)
         _check_int("transport_tokens", self.transport_tokens, minimum=1)
         _check_int("max_probe_length", self.max_probe_length, minimum=1)
@@ -134,21 +155,6 @@ class SpinalConfig:
                 f"and tail_high={self.tail_high}; the defaults are 0.05 and 0.7."
             )
 
-    @staticmethod
-    def _check_late_layers(late_layers: Sequence[int]) -> None:
-        if isinstance(late_layers, (str, bytes)) or not isinstance(late_layers, Sequence):
-            raise ValueError(
-                f"SpinalConfig.late_layers must be a list of block indices or None, "
-                f"got {late_layers!r}"
-            )
-        if len(late_layers) < 2:
-            raise ValueError(
-                f"SpinalConfig.late_layers needs at least 2 blocks (transport is measured "
-                f"between adjacent blocks), got {list(late_layers)}"
-            )
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in late_layers):
-            raise ValueError(f"SpinalConfig.late_layers must hold ints, got {list(late_layers)}")
-
     def with_overrides(self, **overrides: Any) -> SpinalConfig:
         """Return a copy with the given fields replaced; unknown names raise ``TypeError``."""
         unknown = sorted(set(overrides) - set(self.to_dict()))
@@ -163,9 +169,10 @@ class SpinalConfig:
         return asdict(self)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"SpinalConfig.{name} must be an int >= {minimum}, got {value!r}")
+def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> None:
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"SpinalConfig.{name} must be an int >= {minimum}{upper}, got {value!r}")
 
 
 def _check_levels(name: str, warning: float | None, critical: float | None, above: float) -> None:
@@ -180,6 +187,121 @@ def _check_levels(name: str, warning: float | None, critical: float | None, abov
         )
 
 
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"SpinalConfig.{name} must be one of {list(choices)}, got {value!r}")
+        optional = " or None" if _FIELD_KINDS[name][1] else ""
+        raise ValueError(
+            f"SpinalConfig.{name} must be one of {list(choices)}{optional}, got {value!r}"
+        )
+
+
+class _WrongType(Exception):
+    """Raised by a ``_Kind.parse`` for a value it cannot read; ``_parse_field`` words the error."""
+
+
+class _Kind(NamedTuple):
+    """How to read one field type: ``parse`` returns the stored value, raises ``_WrongType``
+    for a value of the wrong type and ``ValueError(reason)`` for a wrong value of the right
+    type; ``description`` says what is accepted, for the error."""
+
+    parse: Callable[[object], object]
+    description: str
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise _WrongType from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _WrongType
+    return int(value)
+
+
+def _parse_float(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _WrongType from None
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _WrongType
+    else:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+    if not math.isfinite(number):
+        raise ValueError("must be finite")
+    return number
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _WrongType
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _parse_path(value: object) -> str:
+    path = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return _parse_str(path)
+
+
+def _parse_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _WrongType
+    return value
+
+
+def _parse_int_list(value: object) -> list[int]:
+    if not isinstance(value, (list, tuple)):
+        raise _WrongType
+    return [_parse_int(item) for item in value]
+
+
+_KINDS: dict[Any, _Kind] = {
+    int: _Kind(_parse_int, "an int (a string of digits such as '50' is read as one)"),
+    float: _Kind(_parse_float, "a number (a string such as '0.1' or '1e-3' is read as one)"),
+    str: _Kind(_parse_str, "a string"),
+    bool: _Kind(_parse_bool, "True or False"),
+    list[int]: _Kind(_parse_int_list, "a list of ints"),
+}
+# Fields whose annotation alone does not say how to read them.
+_FIELD_KIND_OVERRIDES = {"event_log": _Kind(_parse_path, "a path (str or os.PathLike)")}
+
+
+def _field_kinds() -> dict[str, tuple[_Kind, bool]]:
+    """Each field's ``_Kind`` and whether it accepts ``None``, read from its annotation."""
+    kinds = {}
+    for name, hint in get_type_hints(SpinalConfig).items():
+        arguments = get_args(hint)
+        optional = type(None) in arguments
+        base = next(a for a in arguments if a is not type(None)) if optional else hint
+        kinds[name] = (_FIELD_KIND_OVERRIDES.get(name) or _KINDS[base], optional)
+    return kinds
+
+
+_FIELD_KINDS = _field_kinds()
+
+
+def _parse_field(name: str, value: object, kind: _Kind, optional: bool) -> object:
+    """``value`` read as the field's type; ``TypeError``/``ValueError`` naming field and value."""
+    accepted = kind.description + (" or None" if optional else "")
+    if value is None and optional:
+        return None
+    try:
+        return kind.parse(value)
+    except _WrongType:
+        hint = ""
+        if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            hint = "; write null in YAML or None in Python to leave it unset"
+        raise TypeError(
+            f"SpinalConfig.{name} must be {accepted}, got {value!r} ({type(value).__name__}){hint}"
+        ) from None
+    except ValueError as error:
+        raise ValueError(
+            f"SpinalConfig.{name} {error}: expected {accepted}, got {value!r}"
+        ) from None

@@ -9,14 +9,16 @@ over a fixed subsample of real probe tokens ``i``, where ``h_l(i)`` is block ``l
 block's output has not moved, 0.1 that it moved by a tenth of its typical size. Unlike the depth
 trace it covers every block, so it shows which layers DPO is rewriting.
 
-This module holds the math and the one hooked forward; ``ProbeSession`` decides when to measure
-and against which reference.
+This module holds the math, the one hooked forward and ``DriftMeter``, which owns the drift's
+reference and its round-trip through checkpoints; the runner decides when to measure.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,11 @@ from spinal_callback.capture import (
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
 
+logger = logging.getLogger("spinal_callback")
 DRIFT_PREFIX = "spinal/drift"
 DRIFT_TOKENS = 64
 """Probe tokens the drift averages over: enough for a mean of norms. A cached policy snapshot is
-``blocks x tokens x hidden`` float32 (8 MiB for 16 blocks of width 2048), so the session keeps
+``blocks x tokens x hidden`` float32 (8 MiB for 16 blocks of width 2048), so the drift meter keeps
 it in a safetensors file next to the event log and puts only its path and hash in checkpoints."""
 
 
@@ -171,3 +174,108 @@ def load_activations(path: str | Path, sha256: str) -> Tensor:
     if digest != sha256:
         raise ValueError(f"{source} has changed since it was saved (sha256 {digest[:12]}...)")
     return load_file(str(source))["activations"]
+
+
+class DriftMeter:
+    """Per-layer drift during training: its probe tokens, its reference, its file, its state.
+
+    The reference's block outputs are measured once, at the first measurement: TRL's
+    ``ref_model``, else the PEFT policy with adapters off, else the policy itself (a *snapshot*
+    of the run's start). Only a snapshot must survive a resume (a reference model is measured
+    again); it is kept in a safetensors file (``path``) and checkpoints hold its path and sha256,
+    or the tensor inline (base64) when there is no file.
+
+    Args:
+        batch: the probe batch; ``DRIFT_TOKENS`` of its real tokens are fixed here (seeded).
+        seed: seed of that token subsample.
+        autocast_dtype: as ``SpinalConfig.autocast_dtype``.
+    """
+
+    def __init__(self, batch: ProbeBatch, seed: int, autocast_dtype: str | None = None) -> None:
+        self.batch = batch
+        self.token_index = batch.subsample(DRIFT_TOKENS, seed)
+        self.autocast_dtype = autocast_dtype
+        self.fingerprint = _tokens_fingerprint(batch, self.token_index)
+        self.path: Path | None = None
+        self.reference: Tensor | None = None
+        self.reference_is_snapshot = False
+        self.reference_fingerprint: str | None = None
+        self.reference_sha256: str | None = None
+        self.last: Tensor | None = None
+        """The latest measured drift, float32 ``[blocks]`` on the CPU."""
+
+    def outputs_of(self, parts: ModelParts) -> Tensor:
+        """float32 ``[blocks, DRIFT_TOKENS, hidden]`` block outputs of ``parts`` on the drift
+        tokens (``block_outputs``)."""
+        return block_outputs(parts, self.batch, self.token_index, self.autocast_dtype).float()
+
+    def measure(self, policy: ModelParts, reference: Callable[[], Tensor | None]) -> Tensor:
+        """float32 ``[blocks]`` drift of ``policy`` from the reference, on the CPU.
+
+        ``reference`` returns the reference's ``outputs_of`` (``None``: the policy is its own
+        snapshot); it is called only when no matching reference is cached.
+        """
+        now = self.outputs_of(policy)
+        self.last = activation_drift(now, self._reference(now, reference)).cpu()
+        return self.last
+
+    def _reference(self, policy: Tensor, source: Callable[[], Tensor | None]) -> Tensor:
+        stored = self.reference
+        if stored is not None and (
+            self.reference_fingerprint != self.fingerprint or stored.shape != policy.shape
+        ):
+            logger.warning(
+                "spinal-callback: the stored drift reference was measured on other probe tokens "
+                "or another model; measuring the reference again"
+            )
+            self.reference = None
+        if self.reference is None:
+            measured = source()
+            self.reference_is_snapshot = measured is None
+            self.reference = (policy if measured is None else measured).cpu()
+            self.reference_fingerprint = self.fingerprint
+            self.reference_sha256 = None
+            if self.reference_is_snapshot and self.path is not None:
+                self.reference_sha256 = save_activations(self.path, self.reference)
+        return self.reference
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The snapshot reference (file path and sha256, or inline), or ``None``."""
+        if self.reference is None or not self.reference_is_snapshot:
+            return None
+        stored = (
+            {"file": str(self.path), "sha256": self.reference_sha256}
+            if self.reference_sha256 is not None
+            else encode_activations(self.reference)
+        )
+        return {"fingerprint": self.reference_fingerprint, **stored}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore ``state_dict``'s entry; a missing or changed file means a new reference
+        (with a warning) at the next measurement."""
+        self.reference = _stored_reference(state) if state else None
+        self.reference_is_snapshot = self.reference is not None
+        if state and self.reference is not None:
+            self.reference_fingerprint = state.get("fingerprint")
+            if "file" in state:
+                self.path = Path(state["file"])
+                self.reference_sha256 = state["sha256"]
+
+
+def _stored_reference(entry: dict[str, Any]) -> Tensor | None:
+    if "file" not in entry:
+        return decode_activations(entry)
+    try:
+        return load_activations(entry["file"], entry["sha256"])
+    except (FileNotFoundError, ValueError) as error:
+        logger.warning("spinal-callback: %s; drift is measured against a new reference", error)
+        return None
+
+
+def _tokens_fingerprint(batch: ProbeBatch, token_index: Tensor) -> str:
+    """Hash of the probe's token ids, mask and chosen tokens: a stored reference is comparable
+    only when it matches."""
+    digest = hashlib.sha256()
+    for tensor in (batch.input_ids, batch.attention_mask, token_index):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -10,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class AlertLevel(IntEnum):
@@ -78,31 +82,138 @@ class EventLog:
 
     Each write opens, appends, fsyncs and closes, so a line that ``append`` returned from is on
     disk even if the process is killed with SIGKILL right after. Non-finite numbers are written
-    as ``null`` so every line is strict JSON.
+    as ``null`` so every line is strict JSON. A line torn by a kill mid-write is never glued to
+    the next record: ``append`` starts a fresh line, and ``read`` skips and reports the fragment.
+    I/O errors (a full disk, a read-only directory) propagate as ``OSError``; the caller decides.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def append(self, alert: Alert) -> None:
+        """Write ``alert`` as one line and fsync it before returning.
+
+        Raises:
+            OSError: the directory cannot be created or the line cannot be written or synced.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(_finite_or_none(alert.to_dict()), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+            # A killed writer can leave a fragment without its newline; gluing onto it would
+            # make this record unreadable too.
+            prefix = "" if _ends_with_newline_or_is_empty(self.path) else "\n"
+            file.write(prefix + line + "\n")
             file.flush()
             os.fsync(file.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        """All complete lines (a torn last line from a crash mid-write is skipped)."""
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        """All complete records, in file order; a missing file reads as no records.
+
+        Torn or invalid lines (a crash mid-write) are skipped, and a ``logging`` warning names
+        the path and their 1-based line numbers. ``read_with_skipped`` also returns the count.
+        """
+        records, _ = self.read_with_skipped()
         return records
+
+    def read_with_skipped(self) -> tuple[list[dict[str, Any]], int]:
+        """``(records, skipped)``: the complete records and how many lines were not records."""
+        lines, skipped_lines = self._parse()
+        if skipped_lines:
+            logger.warning(
+                "event log %s: skipped %d torn or invalid line(s) at line(s) %s",
+                self.path,
+                len(skipped_lines),
+                ", ".join(str(number) for number in skipped_lines),
+            )
+        return [record for record, _ in lines], len(skipped_lines)
+
+    def truncate_after(self, step: int) -> int:
+        """Keep only the records whose ``"step"`` is at most ``step``; used when a run resumes.
+
+        The kept records are written to a sibling temporary file, fsynced and moved over the log
+        with ``os.replace``, so a crash at any moment leaves either the old or the new file whole.
+        Torn or invalid lines are dropped too. A missing file is left missing.
+
+        Args:
+            step: the training step the run resumes from (records for later steps belong to the
+                killed run and will be raised again).
+
+        Returns:
+            How many records were dropped (torn lines are not counted as records).
+
+        Raises:
+            OSError: the new file cannot be written or moved into place.
+        """
+        if not self.path.is_file():
+            return 0
+        lines, _ = self._parse()
+        kept = [text for record, text in lines if _step_of(record) <= step]
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "w", encoding="utf-8") as file:
+                for text in kept:
+                    file.write(text + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_directory(self.path.parent)
+        return len(lines) - len(kept)
+
+    def _parse(self) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:
+        """``([(record, line text), ...], [1-based numbers of lines that are not records])``."""
+        if not self.path.is_file():
+            return [], []
+        records: list[tuple[dict[str, Any], str]] = []
+        skipped_lines: list[int] = []
+        with open(self.path, encoding="utf-8", errors="replace") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if isinstance(record, dict):
+                    records.append((record, line.strip()))
+                else:
+                    skipped_lines.append(number)
+        return records, skipped_lines
+
+
+def _ends_with_newline_or_is_empty(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() == 0:
+            return True
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
+
+
+def _step_of(record: dict[str, Any]) -> float:
+    """The record's step; a record without an integer step counts as later than any step."""
+    step = record.get("step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step
+    return math.inf
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable where the platform allows it.
+
+    Windows cannot open a directory and some file systems refuse to fsync one; the replaced file
+    itself is already synced, so only the rename's durability is at stake there.
+    """
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

@@ -2,15 +2,45 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+# What ``from_pretrained`` raises for a checkpoint that is missing, damaged or inconsistent on
+# disk: no weight file (OSError), an unknown model type (ValueError), a torn safetensors header
+# (SafetensorError), a torn zip or shapes that disagree with config.json (RuntimeError), a torn
+# pickle (UnpicklingError, EOFError).
+_CHECKPOINT_ERRORS = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    SafetensorError,
+    pickle.UnpicklingError,
+    EOFError,
+)
+
+
+class CheckpointLoadError(OSError):
+    """A local checkpoint directory exists but its contents cannot be loaded as a model.
+
+    A subclass of ``OSError`` because that is what ``from_pretrained`` raises for missing weight
+    files, so ``except OSError`` in callers keeps working.
+    """
 
 
 def load_local_model(
@@ -18,17 +48,82 @@ def load_local_model(
 ) -> PreTrainedModel:
     """Load a causal LM saved with ``save_pretrained`` from a local directory, in eval mode.
 
+    The device is checked before any weight is read (see ``check_device``).
+
     Raises:
         FileNotFoundError: ``path`` is not a directory holding a ``config.json``.
-        ValueError: ``dtype`` is not one of ``DTYPES``.
+        ValueError: ``dtype`` is not one of ``DTYPES``, or ``device`` is not usable here.
+        CheckpointLoadError: the weights are missing, truncated or corrupted, or do not match
+            ``config.json``.
     """
     directory = checkpoint_directory(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    target = check_device(device)
     options: dict[str, Any] = {"dtype": DTYPES[dtype], "local_files_only": True}
-    model = AutoModelForCausalLM.from_pretrained(str(directory), **options)
-    model.to(device)  # type: ignore[arg-type]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **options)
+    except _CHECKPOINT_ERRORS as error:
+        raise CheckpointLoadError(
+            _checkpoint_problem(directory, error, "config.json", WEIGHT_FILES)
+        ) from error
+    model.to(target)  # type: ignore[arg-type]
     return model.eval()
+
+
+def check_device(device: str, option: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` after checking that this machine has it.
+
+    Args:
+        device: a torch device string, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``.
+        option: how the caller's user spells the setting (``"--device"`` on the command line),
+            so the error tells them exactly what to type instead.
+
+    Raises:
+        ValueError: ``device`` is not a torch device string, or names an accelerator (or an
+            accelerator index) this machine does not have.
+    """
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"{option}={device} is not a torch device; use {option}=cpu, {option}=cuda or "
+            f"{option}=cuda:N"
+        ) from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{option}={device} but torch.cuda.is_available() is False; use {option}=cpu"
+            )
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise ValueError(
+                f"{option}={device} but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); use one of those"
+            )
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"{option}={device} but torch.backends.mps.is_available() is False; use {option}=cpu"
+        )
+    return target
+
+
+def _checkpoint_problem(
+    directory: Path, error: BaseException, config_name: str, weight_files: tuple[str, ...]
+) -> str:
+    """One line: which checkpoint, what ``from_pretrained`` said, and what to do about it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    if not any((directory / name).is_file() for name in weight_files):
+        return (
+            f"{directory} has a {config_name} but no weights (none of {list(weight_files)}); "
+            "save the model there with model.save_pretrained(DIR)"
+        )
+    return (
+        f"cannot load the checkpoint in {directory} ({cause}); its files may be truncated or "
+        "corrupted, disagree with its config.json, or need a newer transformers: copy or save it "
+        "again with model.save_pretrained(DIR)"
+    )
 
 
 def load_local_tokenizer(path: str | Path) -> Any:
@@ -57,6 +152,7 @@ def load_local_adapted_model(
     Raises:
         FileNotFoundError: no ``adapter_config.json`` in ``adapter_path``.
         ImportError: peft is not installed (``pip install 'spinal-callback[peft]'``).
+        CheckpointLoadError: the base or the adapter weights cannot be loaded.
     """
     directory = Path(adapter_path)
     if not (directory / ADAPTER_CONFIG).is_file():
@@ -69,7 +165,12 @@ def load_local_adapted_model(
             "pip install 'spinal-callback[peft]'"
         ) from error
     base = load_local_model(base_path, dtype=dtype, device=device)
-    adapted = PeftModel.from_pretrained(base, str(directory), local_files_only=True)
+    try:
+        adapted = PeftModel.from_pretrained(base, str(directory), local_files_only=True)
+    except _CHECKPOINT_ERRORS as error:
+        raise CheckpointLoadError(
+            _checkpoint_problem(directory, error, ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES)
+        ) from error
     return adapted.merge_and_unload().eval()
 
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from spinal_callback.model_access import resolve_model_parts
 from spinal_callback.pairs import SIDES, collate_pairs
-from spinal_callback.patching import PatchRunner
+from spinal_callback.patching import PatchRunner, check_same_architecture
 
 MIN_LOW_RANK_GAIN = 0.05
 """Blocks whose own share of the effect is below this get no low-rank analysis."""
@@ -183,8 +183,9 @@ def localize(
         blocks_path: attribute path of the decoder blocks where the automatic lookup fails.
 
     Raises:
-        ValueError: mismatched models, no pairs, bad settings, or a tuned model that does not
-            move the mean margin (nothing to localize).
+        ValueError: mismatched models (block count, width, vocabulary, architecture, or
+            parameter names and shapes: ``patching.check_same_architecture``), no pairs, bad
+            settings, or a tuned model that does not move the mean margin (nothing to localize).
     """
     _check_settings(pairs, batch_size, top_layers, bootstrap, confidence, ranks)
     base_blocks = list(resolve_model_parts(base, blocks_path).blocks)
@@ -195,6 +196,7 @@ def localize(
             f"{len(tuned_blocks)}; localize compares two checkpoints of one architecture"
         )
     width = _matching_width(base, tuned)
+    check_same_architecture(base, tuned)
     if width is not None:
         _check_ranks(ranks, width)
     batches = [

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spinal_callback.capture import eval_mode
+from spinal_callback.model_access import unwrap_model
 from spinal_callback.pairs import SIDES
 
 Patch = Callable[[int, Tensor], Tensor]
@@ -171,6 +172,66 @@ class PatchRunner:
         logps = reply_logps(logits, on_device["ids"], on_device["response"])
         half = logps.shape[0] // 2
         return (logps[:half] - logps[half:]).double().cpu()
+
+
+def check_same_architecture(base: nn.Module, tuned: nn.Module) -> None:
+    """Raise unless ``tuned`` is ``base``'s architecture with the same parameter layout.
+
+    Patching puts one model's residual stream into the other, which only means something when
+    the tuned model is a fine-tune of the base. Wrappers (DDP, ``torch.compile``, PEFT) are
+    looked through, and an unmerged PEFT adapter's layers count as the layers they adapt.
+
+    Raises:
+        ValueError: naming the first mismatch: the ``config.model_type`` or class, then a
+            parameter only one model has, then a parameter whose shapes differ.
+    """
+    base_model, tuned_model = unwrap_model(base), unwrap_model(tuned)
+    kinds = [_architecture(model) for model in (base_model, tuned_model)]
+    if kinds[0] != kinds[1]:
+        raise ValueError(
+            f"the base model is a {kinds[0]} and the tuned one a {kinds[1]}; localize compares a "
+            "fine-tuned checkpoint with the base it was tuned from: pass checkpoints of one "
+            "architecture"
+        )
+    base_shapes, tuned_shapes = _parameter_shapes(base_model), _parameter_shapes(tuned_model)
+    for name, shape in base_shapes.items():
+        if name not in tuned_shapes:
+            raise ValueError(
+                f"the base model has a parameter {name!r} {shape} that the tuned one lacks; "
+                "pass checkpoints of one architecture and configuration"
+            )
+        if tuned_shapes[name] != shape:
+            raise ValueError(
+                f"parameter {name!r} has shape {shape} in the base model and "
+                f"{tuned_shapes[name]} in the tuned one; pass checkpoints of one configuration"
+            )
+    extra = [name for name in tuned_shapes if name not in base_shapes]
+    if extra:
+        raise ValueError(
+            f"the tuned model has a parameter {extra[0]!r} {tuned_shapes[extra[0]]} that the base "
+            "one lacks; pass checkpoints of one architecture and configuration"
+        )
+
+
+def _architecture(model: nn.Module) -> str:
+    """``"<model_type> (<class name>)"``, e.g. ``"llama (LlamaForCausalLM)"``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{model_type or 'model'} ({type(model).__name__})"
+
+
+def _parameter_shapes(module: nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Every parameter's dotted name and shape, in registration order; tied weights appear
+    under each name, and a PEFT layer is replaced by the ``base_layer`` it adapts."""
+    base_layer = module._modules.get("base_layer")
+    if base_layer is not None:
+        return _parameter_shapes(base_layer, prefix)
+    shapes = {
+        prefix + name: tuple(parameter.shape)
+        for name, parameter in module.named_parameters(recurse=False)
+    }
+    for name, child in module.named_children():
+        shapes.update(_parameter_shapes(child, f"{prefix}{name}."))
+    return shapes
 
 
 def replace_at(positions: Tensor, replacement: Tensor) -> Patch:

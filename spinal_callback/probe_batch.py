@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,10 @@ import torch
 from torch import Tensor
 
 from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
+from spinal_callback.texts import check_texts
+
+# ``from_dataset`` reads at most this many rows per probe text while it looks for distinct ones.
+ROWS_SCANNED_PER_TEXT = 8
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,10 @@ class ProbeBatch:
         (or its eos id, or 0), on ``padding_side``, so a tokenizer without a pad token works.
 
         Raises:
-            ValueError: no texts, a text that is not a string, or a text with no tokens.
+            TypeError: ``texts`` is a single string or holds a non-string (see ``check_texts``).
+            ValueError: no texts, a blank text, all texts the same, or a text with no tokens.
         """
-        if isinstance(texts, str) or len(texts) == 0:
-            raise ValueError("ProbeBatch.from_texts needs a non-empty list of strings")
-        bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
-        if bad:
-            raise ValueError(f"probe texts at positions {bad[:5]} are not strings")
+        texts = check_texts(texts, "texts")
         encoded = tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=max_length
         )
@@ -89,24 +90,39 @@ class ProbeBatch:
         max_length: int = 256,
         padding_side: str = "right",
     ) -> ProbeBatch:
-        """Take the first ``limit`` rows of ``dataset[column]`` as probe texts.
+        """Take the first ``limit`` distinct prompts of ``dataset`` as probe texts.
 
-        Rows may be strings or chat messages (lists of ``{"role", "content"}`` dicts), which
-        are rendered with the tokenizer's chat template when it has one. A dataset already
-        tokenized by TRL (a ``<column>_ids`` column and no ``<column>``) is used as token ids.
+        ``dataset`` is a ``datasets.Dataset`` or any sequence of dict rows (a list of dicts):
+        row ``i`` is ``dataset[i]`` and its prompt is ``dataset[i][column]``. Prompts may be
+        strings or chat messages (lists of ``{"role", "content"}`` dicts), which are rendered
+        with the tokenizer's chat template when it has one. A dataset already tokenized by TRL
+        (a ``<column>_ids`` column and no ``<column>``) is used as token ids.
+
+        Preference data often repeats a prompt over consecutive rows, and repeated probe texts
+        make the activation spectra rank-deficient, so repeats are skipped; at most
+        ``ROWS_SCANNED_PER_TEXT * limit`` rows are read.
+
+        Raises:
+            ValueError: an empty dataset, a row that is not a dict, or a row without ``column``
+                (the message lists the columns or keys there are).
         """
-        names = getattr(dataset, "column_names", None)
-        count = min(limit, len(dataset))
-        if names is not None and column not in names and f"{column}_ids" in names:
-            token_ids = [list(dataset[i][f"{column}_ids"])[:max_length] for i in range(count)]
-            return cls.from_token_ids(token_ids, _pad_id(tokenizer), padding_side)
-        if names is not None and column not in names:
+        names = _column_names(dataset, column)
+        if names and column not in names and f"{column}_ids" not in names:
             raise ValueError(
-                f"the dataset has no column {column!r}; its columns are {names}. "
-                "Pass column= naming the prompt column, or give probe texts directly"
+                f"the dataset has no column {column!r}; its columns are {list(names)}. "
+                "Pass column= naming the prompt column, or give probe_texts=[...] directly"
             )
-        rows = [dataset[i][column] for i in range(count)]
-        texts = [_render_prompt(tokenizer, row) for row in rows]
+        if len(dataset) == 0:
+            raise ValueError(
+                "the dataset has no rows to take probe prompts from: pass probe_texts=[...]"
+            )
+        rows = range(min(len(dataset), ROWS_SCANNED_PER_TEXT * limit))
+        if column not in names:
+            ids = (tuple(_prompt(dataset, i, f"{column}_ids"))[:max_length] for i in rows)
+            token_ids = [list(row) for row in _first_distinct(ids, limit)]
+            return cls.from_token_ids(token_ids, _pad_id(tokenizer), padding_side)
+        prompts = (_render_prompt(tokenizer, _prompt(dataset, i, column)) for i in rows)
+        texts = _first_distinct(prompts, limit)
         return cls.from_texts(tokenizer, texts, max_length=max_length, padding_side=padding_side)
 
     @classmethod
@@ -192,6 +208,44 @@ def _pad_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def _column_names(dataset: Any, column: str) -> list[str]:
+    """The dataset's columns, else the keys of its first row; ``[]`` for no rows."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return list(names)
+    return list(_row(dataset, 0, column)) if len(dataset) > 0 else []
+
+
+def _row(dataset: Any, index: int, column: str) -> Mapping[str, Any]:
+    row = dataset[index]
+    if not isinstance(row, Mapping):
+        raise ValueError(
+            f"dataset row {index} is a {type(row).__name__} ({str(row)[:80]!r}), not a dict: "
+            f"the probe reads each row's {column!r} field. Pass probe_texts=[...] instead"
+        )
+    return row
+
+
+def _prompt(dataset: Any, index: int, column: str) -> Any:
+    row = _row(dataset, index, column)
+    if column not in row:
+        raise ValueError(
+            f"dataset row {index} has no {column!r} field; its keys are {sorted(row)}. "
+            "Pass probe_texts=[...] instead, or column= naming the prompt field"
+        )
+    return row[column]
+
+
+def _first_distinct(items: Iterator[Hashable], limit: int) -> list[Any]:
+    """The first ``limit`` distinct items, in order of first appearance."""
+    seen: dict[Hashable, None] = {}
+    for item in items:
+        seen.setdefault(item, None)
+        if len(seen) == limit:
+            break
+    return list(seen)
 
 
 def _render_prompt(tokenizer: Any, row: Any) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -185,6 +186,14 @@ class DepthTrace:
             )
         try:
             tensors = load_file(str(tensor_path))
+        except SafetensorError as error:
+            # The checksum matched, so the file was saved this way (or edited and re-hashed):
+            # reading it again will not help, probing again will.
+            raise DepthTraceFormatError(
+                f"{tensor_path} is not a readable safetensors file ({error}) although it matches "
+                f"the checksum in {json_path}; delete {directory} and re-run the probe"
+            ) from error
+        try:
             neutral_header = header.get("neutral")
             neutral = None
             if neutral_header is not None:

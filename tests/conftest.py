@@ -68,6 +68,7 @@ def make_dpo_trainer(
         peft_config: Any = None,
         extra_callbacks: list[TrainerCallback] | None = None,
         processing_class: Any = "default",
+        **dpo_config: Any,
     ) -> Any:
         policy = model if model is not None else make_model("llama", layers=4)
         if ref_model is None and peft_config is None:
@@ -82,6 +83,7 @@ def make_dpo_trainer(
             use_cpu=True,
             learning_rate=1e-3,
             disable_tqdm=True,
+            **dpo_config,
         )
         return trl.DPOTrainer(
             model=policy,

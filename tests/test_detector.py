@@ -13,6 +13,7 @@ from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
 from spinal_callback.rules import DEFAULT_RULES, AlertRule, LanguageDrift, NonFinite
 from spinal_callback.rules.departure import departure
+from spinal_callback.rules.loss_spike import MIN_WINDOW
 from spinal_callback.trace import DepthTrace
 
 SUMMARY = {
@@ -108,7 +109,7 @@ def test_a_reference_without_language_mutes_the_perplexity_rule() -> None:
 
 
 def test_a_muted_neutral_probe_is_explained_once_at_setup() -> None:
-    from spinal_callback.session import muted_neutral_rules_note
+    from spinal_callback.runner import muted_neutral_rules_note
 
     note = muted_neutral_rules_note(trace(0, nll=0.9 * math.log(VOCAB)))
     assert note is not None and "language_drift and trace_departure are off" in note
@@ -154,6 +155,14 @@ def test_a_healthy_trace_that_moves_at_its_early_pace_raises_nothing() -> None:
     factors = [0.01 + 0.0002 * i + rng.gauss(0, 0.001) for i in range(100)]
     watched = monitor()
     assert feed(watched, [scaled(10 * (i + 1), f) for i, f in enumerate(factors)]) == []
+
+
+def test_the_first_probe_after_the_reference_only_sets_the_pace() -> None:
+    watched = monitor(departure_warning=3.0, departure_critical=None)
+    far = scaled(10, 0.5)  # 25x the resolution floor: a warning, were it scored
+    later = scaled(20, 1.6)  # 3.2x the pace the first probe set
+    alerts = [(a.step, a.level, a.value) for a in feed(watched, [far, later])]
+    assert alerts == [(20, "warning", pytest.approx(3.2))]
 
 
 def test_departure_has_a_resolution_floor_so_a_still_start_is_not_its_unit() -> None:
@@ -239,6 +248,22 @@ def test_a_lone_loss_spike_is_info_and_a_sustained_one_critical() -> None:
     ]
 
 
+def test_loss_spike_scores_nothing_until_its_window_is_full() -> None:
+    calm = [0.69 - 0.01 * i for i in range(MIN_WINDOW)]
+    early = feed_losses(monitor(), [*calm[:-1], 3.0])
+    assert [a for a in early if a.rule == "loss_spike"] == []
+    full = feed_losses(monitor(), [*calm, 3.0])
+    assert [(a.step, a.level, a.rule) for a in full] == [(MIN_WINDOW + 1, "info", "loss_spike")]
+
+
+def test_non_finite_needs_no_warm_up() -> None:
+    watched = RampMonitor(SpinalConfig())
+    broken = trace(0, contraction=(1.0, math.nan, 1.2, 1.3))
+    broken.contraction = torch.tensor([1.0, math.nan, 1.2, 1.3])
+    assert levels(watched.update(broken)) == [(0, "critical", "non_finite")]
+    assert levels(watched.update_logs(1, {"loss": math.nan})) == [(1, "critical", "non_finite")]
+
+
 def test_logs_without_a_training_loss_are_ignored() -> None:
     watched = monitor(patience=1)
     feed_losses(watched, noisy_losses(30))
@@ -254,6 +279,10 @@ def test_the_first_trace_is_the_reference_when_none_was_set() -> None:
     watched = RampMonitor(SpinalConfig())
     assert watched.update(scaled(0, 0.5)) == []
     assert watched.reference is not None and watched.reference.step == 0
+    # The rules were calibrated on it: a probe that did not move from it sets a still pace, and
+    # the usual reference's trace, half the first one's entropy away, is then a departure.
+    alerts = feed(watched, [scaled(10, 0.5), trace(20)])
+    assert levels(alerts) == [(20, "warning", "trace_departure")]
 
 
 def test_every_default_rule_has_a_distinct_name_and_rules_can_be_chosen() -> None:

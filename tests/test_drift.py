@@ -25,8 +25,9 @@ from spinal_callback.drift import (
     drift_scalars,
     encode_activations,
 )
+from spinal_callback.outputs import Outputs
 from spinal_callback.probe import ProbeBatch
-from spinal_callback.session import ProbeSession
+from spinal_callback.runner import Runner
 from spinal_callback.tensorboard import TraceBoard, custom_scalar_layout
 
 DRIFT_TAGS = [f"spinal/drift/L{block:02d}" for block in range(4)]
@@ -45,14 +46,14 @@ def make_session(
     probe_texts: list[str],
     reference: torch.nn.Module | None = None,
     **overrides: Any,
-) -> ProbeSession:
-    session = ProbeSession(SpinalConfig(every_n_steps=1, **overrides), probe_texts)
+) -> Runner:
+    session = Runner(SpinalConfig(every_n_steps=1, **overrides), probe_texts)
     session.setup(model, tokenizer, reference_model=reference)
     return session
 
 
-def drift_logged(session: ProbeSession) -> dict[str, float]:
-    return {k: v for k, v in session.pop_pending_logs().items() if k.startswith("spinal/drift/")}
+def drift_logged(session: Runner) -> dict[str, float]:
+    return {k: v for k, v in session.pop_scalars().items() if k.startswith("spinal/drift/")}
 
 
 def read_scalars(log_dir: Path) -> EventAccumulator:
@@ -187,7 +188,7 @@ def test_drift_is_measured_at_the_first_probe_and_every_drift_every_th_after(
     session = make_session(llama, tokenizer, probe_texts, drift_every=3)
     measured = []
     for step in range(7):
-        session.probe_at(llama, step)
+        session.step(step)
         measured.append(bool(drift_logged(session)))
     assert measured == [True, False, False, True, False, False, True]
 
@@ -196,8 +197,8 @@ def test_drift_covers_every_block_not_only_the_late_band(
     llama: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
 ) -> None:
     session = make_session(llama, tokenizer, probe_texts, drift_every=1)
-    trace = session.probe_at(llama, 0)
-    assert trace is not None and trace.layers == [4, 5, 6, 7]
+    session.step(0)
+    assert session.traces[-1].layers == [4, 5, 6, 7]
     assert list(drift_logged(session)) == [f"spinal/drift/L{block:02d}" for block in range(8)]
 
 
@@ -208,10 +209,10 @@ def test_without_a_reference_the_first_measurement_is_the_baseline(
 ) -> None:
     policy = make_model("llama", layers=4)
     session = make_session(policy, tokenizer, probe_texts, drift_every=1)
-    session.probe_at(policy, 0)
+    session.step(0)
     assert set(drift_logged(session).values()) == {0.0}
     perturb_mlp(policy, block=2)
-    session.probe_at(policy, 1)
+    session.step(1)
     drift = drift_logged(session)
     assert drift["spinal/drift/L01"] == 0.0 and drift["spinal/drift/L02"] > 1e-3
 
@@ -225,7 +226,7 @@ def test_the_reference_model_is_the_baseline_from_the_first_measurement(
     policy = copy.deepcopy(reference)
     perturb_mlp(policy, block=2)
     session = make_session(policy, tokenizer, probe_texts, reference, drift_every=1)
-    session.probe_at(policy, 0)
+    session.step(0)
     drift = drift_logged(session)
     assert drift["spinal/drift/L01"] == pytest.approx(0.0, abs=1e-6)
     assert drift["spinal/drift/L02"] > 1e-3
@@ -245,7 +246,7 @@ def test_a_lora_policy_drifts_from_itself_with_adapters_disabled(
         lora_b = policy.base_model.model.model.layers[2].mlp.down_proj.lora_B["default"].weight
         lora_b.normal_(std=0.05)
     session = make_session(policy, tokenizer, probe_texts, drift_every=1)
-    session.probe_at(policy, 0)
+    session.step(0)
     drift = drift_logged(session)
     assert drift["spinal/drift/L01"] == pytest.approx(0.0, abs=1e-6)
     assert drift["spinal/drift/L02"] > 1e-3
@@ -262,12 +263,12 @@ def test_the_reference_is_measured_once(
     forwards: list[int] = []
     reference.register_forward_pre_hook(lambda *args: forwards.append(1))
     for step in range(3):
-        session.probe_at(policy, step)
+        session.step(step)
     # One reference depth trace and one reference drift measurement, at the first probe.
     assert len(forwards) == 2
-    assert session.drift_reference is not None
-    assert session.drift_reference.device.type == "cpu"
-    assert session.drift_reference.dtype == torch.float32
+    assert session.drift.reference is not None
+    assert session.drift.reference.device.type == "cpu"
+    assert session.drift.reference.dtype == torch.float32
 
 
 def test_a_failing_drift_measurement_is_logged_and_skipped(
@@ -282,13 +283,13 @@ def test_a_failing_drift_measurement_is_logged_and_skipped(
 
     session = make_session(llama, tokenizer, probe_texts, drift_every=1)
     with monkeypatch.context() as patch:
-        patch.setattr("spinal_callback.session.block_outputs", out_of_memory)
+        patch.setattr("spinal_callback.drift.block_outputs", out_of_memory)
         with caplog.at_level(logging.ERROR, logger="spinal_callback"):
-            trace = session.probe_at(llama, 0)
-    assert trace is not None and drift_logged(session) == {}
+            session.step(0)
+    assert len(session.traces) == 1 and drift_logged(session) == {}
     assert "drift measurement failed" in caplog.text
     assert not session.disabled and not session.alerts
-    session.probe_at(llama, 1)
+    session.step(1)
     assert len(drift_logged(session)) == 8
 
 
@@ -299,19 +300,19 @@ def test_a_policy_snapshot_reference_is_stored_and_restored_exactly(
 ) -> None:
     policy = make_model("llama", layers=4)
     first = make_session(policy, tokenizer, probe_texts, drift_every=1)
-    first.probe_at(policy, 0)  # no reference model: the policy now is the reference
+    first.step(0)  # no reference model: the policy now is the reference
     state = json.loads(json.dumps(first.state_dict()))
-    assert state["drift_reference"] is not None
+    assert state["drift"] is not None
     perturb_mlp(policy, block=1)
-    first.probe_at(policy, 1)
+    first.step(1)
     # Without the stored snapshot the resumed run would take this perturbed policy as the
     # baseline and report no drift.
     resumed = make_session(policy, tokenizer, probe_texts, drift_every=1)
     resumed.load_state_dict(state)
-    resumed.probe_at(policy, 1)
-    assert first.last_drift is not None and resumed.last_drift is not None
-    assert torch.equal(resumed.last_drift, first.last_drift)
-    assert resumed.last_drift[1] > 1e-3
+    resumed.step(1)
+    assert first.drift is not None and resumed.drift is not None
+    assert torch.equal(resumed.drift.last, first.drift.last)
+    assert resumed.drift.last[1] > 1e-3
 
 
 def test_a_reference_model_is_measured_again_after_resume_not_stored(
@@ -322,16 +323,16 @@ def test_a_reference_model_is_measured_again_after_resume_not_stored(
     reference = make_model("llama", layers=4)
     policy = copy.deepcopy(reference)
     first = make_session(policy, tokenizer, probe_texts, reference, drift_every=1)
-    first.probe_at(policy, 0)
+    first.step(0)
     state = json.loads(json.dumps(first.state_dict()))
-    assert state["drift_reference"] is None
+    assert state["drift"] is None
     perturb_mlp(policy, block=1)
-    first.probe_at(policy, 1)
+    first.step(1)
     resumed = make_session(policy, tokenizer, probe_texts, reference, drift_every=1)
     resumed.load_state_dict(state)
-    resumed.probe_at(policy, 1)
-    assert first.last_drift is not None and resumed.last_drift is not None
-    assert torch.equal(resumed.last_drift, first.last_drift)
+    resumed.step(1)
+    assert first.drift is not None and resumed.drift is not None
+    assert torch.equal(resumed.drift.last, first.drift.last)
 
 
 def test_a_state_without_drift_keys_still_loads(
@@ -339,14 +340,13 @@ def test_a_state_without_drift_keys_still_loads(
 ) -> None:
     first = make_session(llama, tokenizer, probe_texts)
     for step in range(3):
-        first.probe_at(llama, step)
-    old_state = {
-        k: v for k, v in first.state_dict().items() if k not in ("probes_run", "drift_reference")
-    }
+        first.step(step)
+    old_state = {k: v for k, v in first.state_dict().items() if k not in ("probes_run", "drift")}
     resumed = make_session(llama, tokenizer, probe_texts, drift_every=3)
     resumed.load_state_dict(old_state)
-    assert resumed.probes_run == 3 and resumed.drift_reference is None
-    resumed.probe_at(llama, 3)
+    assert resumed.probes_run == 3 and resumed.drift is not None
+    assert resumed.drift.reference is None
+    resumed.step(3)
     assert len(drift_logged(resumed)) == 8  # probe number 3 drifts, against a snapshot
 
 
@@ -358,15 +358,15 @@ def test_drift_off_by_default_writes_no_drift_and_runs_no_extra_forward(
 ) -> None:
     session = make_session(llama, tokenizer, probe_texts)
     writer = SummaryWriter(str(tmp_path))
-    session.attach_outputs(TraceBoard(writer), str(tmp_path))
     forwards: list[int] = []
     llama.register_forward_pre_hook(lambda *args: forwards.append(1))
-    for step in range(3):
-        session.probe_at(llama, step)
+    session.begin(0, Outputs(TraceBoard(writer)), str(tmp_path))
+    for step in range(1, 3):
+        session.step(step)
     writer.close()
     assert len(forwards) == 3  # the probe's own forward only
     assert drift_logged(session) == {} and drift_steps(read_scalars(tmp_path)) == {}
-    assert session.state_dict()["drift_reference"] is None
+    assert session.state_dict()["drift"] is None
 
 
 def test_each_drift_probe_costs_one_extra_forward(
@@ -376,7 +376,7 @@ def test_each_drift_probe_costs_one_extra_forward(
     forwards: list[int] = []
     llama.register_forward_pre_hook(lambda *args: forwards.append(1))
     for step in range(4):
-        session.probe_at(llama, step)
+        session.step(step)
     assert len(forwards) == 4 + 2
 
 
@@ -398,7 +398,7 @@ def test_trl_dpo_trainer_writes_drift_of_every_block_at_the_drift_probes(
     make_dpo_trainer: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    from spinal_callback.integrations.transformers import SpinalTrainerCallback
+    from spinal_callback.integrations.transformers import SpinalTrainerCallback, run_first
 
     policy = make_model("llama", layers=4)
     reference = copy.deepcopy(policy)
@@ -407,6 +407,7 @@ def test_trl_dpo_trainer_writes_drift_of_every_block_at_the_drift_probes(
     trainer = make_dpo_trainer(
         callback, max_steps=6, model=policy, ref_model=reference, extra_callbacks=[recorder]
     )
+    run_first(trainer, callback)
     trainer.train()
     assert [trace.step for trace in callback.traces] == [0, 2, 4, 6]
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
@@ -438,9 +439,9 @@ def test_trl_resume_keeps_the_drift_schedule_and_reference(
     assert drift_steps(read_scalars(tmp_path / "runs" / "spinal")) == {
         tag: [0, 8] for tag in DRIFT_TAGS
     }
-    assert resumed.session.drift_reference is not None
-    assert first.session.drift_reference is not None
-    assert torch.equal(resumed.session.drift_reference, first.session.drift_reference)
+    assert resumed.runner.drift.reference is not None
+    assert first.runner.drift.reference is not None
+    assert torch.equal(resumed.runner.drift.reference, first.runner.drift.reference)
 
 
 def test_lightning_callback_writes_drift_of_every_block(
@@ -472,23 +473,22 @@ def test_a_snapshot_reference_lives_in_a_file_beside_the_event_log_not_in_the_st
 ) -> None:
     policy = make_model("llama", layers=4)
     first = make_session(policy, tokenizer, probe_texts, drift_every=1)
-    first.attach_outputs(None, str(tmp_path))
-    first.probe_at(policy, 0)
+    first.begin(0, Outputs(), str(tmp_path))
     state = json.loads(json.dumps(first.state_dict()))
-    stored = state["drift_reference"]
+    stored = state["drift"]
     assert set(stored) == {"fingerprint", "file", "sha256"}
     assert Path(stored["file"]) == tmp_path / "spinal_drift_reference.safetensors"
     perturb_mlp(policy, block=1)
-    first.probe_at(policy, 1)
+    first.step(1)
     resumed = make_session(policy, tokenizer, probe_texts, drift_every=1)
     resumed.load_state_dict(state)
-    resumed.probe_at(policy, 1)
-    assert resumed.last_drift is not None and first.last_drift is not None
-    assert torch.equal(resumed.last_drift, first.last_drift)
+    resumed.step(1)
+    assert resumed.drift.last is not None and first.drift.last is not None
+    assert torch.equal(resumed.drift.last, first.drift.last)
 
     Path(stored["file"]).write_bytes(b"not the saved tensor")
     changed = make_session(policy, tokenizer, probe_texts, drift_every=1)
     with caplog.at_level(logging.WARNING, logger="spinal_callback"):
         changed.load_state_dict(state)
     assert "has changed since it was saved" in caplog.text
-    assert changed.drift_reference is None
+    assert changed.drift is not None and changed.drift.reference is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -73,12 +75,111 @@ time.sleep(60)
     assert [record["step"] for record in EventLog(path).read()] == [0, 1, 2, 3, 4]
 
 
+def write_torn_line(path: Path) -> None:
+    """What a process killed in the middle of ``append`` leaves: a fragment, no newline."""
+    with open(path, "a") as file:
+        file.write('{"step": 2, "lev')
+
+
 def test_a_torn_last_line_is_skipped_when_reading(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     EventLog(path).append(make_alert(step=1))
-    with open(path, "a") as file:
-        file.write('{"step": 2, "lev')
+    write_torn_line(path)
     assert [r["step"] for r in EventLog(path).read()] == [1]
+
+
+def test_an_append_after_a_torn_line_starts_a_fresh_line_and_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1))
+    write_torn_line(path)
+    EventLog(path).append(make_alert(step=3))
+    assert [r["step"] for r in EventLog(path).read()] == [1, 3]
+    assert path.read_text().endswith("\n")
+
+
+def test_reading_reports_torn_lines_by_path_and_line_number(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1))
+    write_torn_line(path)
+    EventLog(path).append(make_alert(step=3))
+    with caplog.at_level(logging.WARNING, logger="spinal_callback.events"):
+        records, skipped = EventLog(path).read_with_skipped()
+    assert ([r["step"] for r in records], skipped) == ([1, 3], 1)
+    assert str(path) in caplog.text and "line(s) 2" in caplog.text
+
+
+def test_lines_that_are_json_but_not_records_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('[1, 2]\n"text"\n')
+    EventLog(path).append(make_alert(step=4))
+    assert EventLog(path).read_with_skipped() == (EventLog(path).read(), 2)
+    assert [r["step"] for r in EventLog(path).read()] == [4]
+
+
+def test_a_clean_log_reads_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1))
+    with caplog.at_level(logging.WARNING, logger="spinal_callback.events"):
+        assert EventLog(path).read_with_skipped()[1] == 0
+    assert caplog.text == ""
+
+
+def test_a_missing_log_reads_as_no_records(tmp_path: Path) -> None:
+    assert EventLog(tmp_path / "absent.jsonl").read_with_skipped() == ([], 0)
+
+
+def test_truncate_after_a_resume_step_drops_the_killed_runs_later_records(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    for step in (10, 20, 22, 24):
+        EventLog(path).append(make_alert(step=step))
+    assert EventLog(path).truncate_after(20) == 2
+    for step in (22, 24):
+        EventLog(path).append(make_alert(step=step))
+    assert [r["step"] for r in EventLog(path).read()] == [10, 20, 22, 24]
+
+
+def test_truncate_after_keeps_earlier_lines_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1, value=float("nan")))
+    EventLog(path).append(make_alert(step=2))
+    first_line = path.read_text().splitlines()[0]
+    EventLog(path).truncate_after(1)
+    assert path.read_text() == first_line + "\n"
+
+
+def test_truncate_after_drops_a_torn_line_without_counting_it(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1))
+    write_torn_line(path)
+    assert EventLog(path).truncate_after(5) == 0
+    assert EventLog(path).read_with_skipped()[1] == 0
+    assert [r["step"] for r in EventLog(path).read()] == [1]
+
+
+def test_truncate_after_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1))
+    EventLog(path).append(make_alert(step=2))
+    inode_before = path.stat().st_ino
+    EventLog(path).truncate_after(1)
+    assert path.stat().st_ino != inode_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]
+
+
+def test_truncate_after_on_a_missing_log_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    assert EventLog(path).truncate_after(3) == 0
+    assert not path.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_surfaces_as_an_os_error_from_append() -> None:
+    with pytest.raises(OSError):
+        EventLog("/dev/full").append(make_alert())
 
 
 def test_alert_rejects_unknown_levels() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_reference_is_the_modules_frozen_reference(
 ) -> None:
     callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=6)
     make_trainer(tmp_path, [callback]).fit(module, pair_batches())
-    reference, final = callback.session.reference, callback.traces[-1]
+    reference, final = callback.runner.reference, callback.traces[-1]
     assert reference is not None
     torch.testing.assert_close(reference.contraction, callback.traces[0].contraction)
     assert not torch.allclose(final.contraction, reference.contraction, atol=1e-5)
@@ -168,14 +169,113 @@ def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(
     assert logged[-1].value == pytest.approx(resumed.traces[-1].summary["transport_mean"], rel=1e-6)
 
 
-def test_state_dict_round_trips(
-    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+def test_a_resumed_run_ends_in_the_state_of_an_uninterrupted_one(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    probe_texts: list[str],
 ) -> None:
-    callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
-    make_trainer(tmp_path, [callback]).fit(module, pair_batches())
-    restored = SpinalCallback(probe_texts=probe_texts)
-    restored.load_state_dict(callback.state_dict())
-    assert restored.state_dict() == callback.state_dict()
+    """The history, the reference and the schedule come back from the checkpoint (the rules'
+    own state is checked by continuing both runs in tests/test_runner.py)."""
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), every_n_train_steps=6, save_top_k=-1
+    )
+    whole = SpinalCallback(probe_texts=probe_texts, every_n_steps=2, stop_on=None)
+    torch.manual_seed(0)
+    model = make_model("llama", layers=4)
+    make_trainer(tmp_path / "a", [whole, checkpoints]).fit(
+        TinyDPOModule(copy.deepcopy(model), tokenizer), pair_batches()
+    )
+    resumed = SpinalCallback(probe_texts=probe_texts, every_n_steps=2, stop_on=None)
+    make_trainer(tmp_path / "b", [resumed]).fit(
+        TinyDPOModule(copy.deepcopy(model), tokenizer),
+        pair_batches(),
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=6.ckpt"),
+    )
+    assert [t.step for t in resumed.traces] == [t.step for t in whole.traces]
+    # Up to the checkpoint the history is the uninterrupted run's own, read back from its file.
+    for ours, theirs in zip(resumed.traces[:4], whole.traces[:4]):
+        assert ours.step == theirs.step
+        torch.testing.assert_close(ours.contraction, theirs.contraction, rtol=0, atol=0)
+    assert resumed.runner.probes_run == whole.runner.probes_run
+    assert resumed.runner.reference is not None and whole.runner.reference is not None
+    torch.testing.assert_close(
+        resumed.runner.reference.contraction, whole.runner.reference.contraction, rtol=0, atol=0
+    )
+
+
+class CliDPOModule(TinyDPOModule):
+    """A module ``LightningCLI`` can build from plain arguments."""
+
+    def __init__(self, layers: int = 4) -> None:
+        from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer()
+        super().__init__(
+            build_tiny_model("llama", vocab_size=len(tokenizer), layers=layers), tokenizer
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return pair_batches(4)
+
+
+def run_cli(tmp_path: Path, args: list[str]) -> Any:
+    from lightning.pytorch.cli import LightningCLI
+
+    base = [
+        "fit",
+        "--trainer.max_steps=4",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    return LightningCLI(CliDPOModule, args=[*base, *args], save_config_callback=None)
+
+
+def test_lightning_cli_builds_the_callback_from_command_line_options(
+    tmp_path: Path, probe_texts: list[str]
+) -> None:
+    pytest.importorskip("jsonargparse")
+    cli = run_cli(
+        tmp_path,
+        [
+            "--trainer.callbacks+=spinal_callback.integrations.lightning.SpinalCallback",
+            "--trainer.callbacks.every_n_steps=2",
+            "--trainer.callbacks.stop_on=warning",
+            f"--trainer.callbacks.probe_texts={json.dumps(probe_texts)}",
+        ],
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SpinalCallback)]
+    assert (callback.config.every_n_steps, callback.config.stop_on) == (2, "warning")
+    assert [trace.step for trace in callback.traces] == [0, 2, 4]
+
+
+def test_lightning_cli_builds_the_callback_from_a_yaml_file(
+    tmp_path: Path, probe_texts: list[str]
+) -> None:
+    pytest.importorskip("jsonargparse")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  callbacks:
+    - class_path: spinal_callback.integrations.lightning.SpinalCallback
+      init_args:
+        every_n_steps: 4
+        stop_on: null
+        late_layers: [1, 2, 3]
+        probe_texts: {json.dumps(probe_texts)}
+        config:
+          transport: js
+"""
+    )
+    cli = run_cli(tmp_path, [f"--config={config}"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SpinalCallback)]
+    assert callback.config.stop_on is None and callback.config.transport == "js"
+    assert [trace.step for trace in callback.traces] == [0, 4]
+    assert callback.traces[0].layers == [1, 2, 3]
 
 
 def test_wrong_model_attribute_fails_at_setup_naming_the_submodules(
@@ -245,8 +345,10 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
     assert trainer.global_step == 4
     assert (tmp_path / "checkpoints" / "spinal-stop-step=4.ckpt").is_file()
     assert [(a.step, a.level, a.rule) for a in alerts] == [(4, "critical", "non_finite")]
-    events = (Path(trainer.logger.log_dir) / "spinal_events.jsonl").read_text().splitlines()
-    assert len(events) == 1
+    records = [
+        json.loads(line) for line in (Path(trainer.logger.log_dir) / "spinal_events.jsonl").open()
+    ]
+    assert [(r["step"], r["rule"]) for r in records] == [(4, "non_finite"), (4, "training_stopped")]
 
 
 class LossJumpsAt(TinyDPOModule):
@@ -321,3 +423,20 @@ def test_a_critical_alert_at_the_step_zero_probe_stops_before_any_step(
     trainer.fit(module, pair_batches())
     assert trainer.global_step == 0
     assert (tmp_path / "checkpoints" / "spinal-stop-step=0.ckpt").is_file()
+
+
+def test_the_stop_names_the_last_model_checkpoint_saved_before_the_first_warning(
+    module: TinyDPOModule,
+    tmp_path: Path,
+    probe_texts: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    checkpoints = pl.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1
+    )
+    callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=2)
+    trainer = make_trainer(tmp_path, [PoisonWeightsAt(5), callback, checkpoints])
+    with caplog.at_level("ERROR", logger="spinal_callback"):
+        trainer.fit(module, pair_batches())
+    assert trainer.global_step == 6
+    assert f"Resume from {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} (step 4)" in caplog.text

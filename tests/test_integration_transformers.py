@@ -13,7 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import PreTrainedModel, TrainerCallback
 
-from spinal_callback.integrations.transformers import SpinalTrainerCallback
+from spinal_callback.integrations.transformers import SpinalTrainerCallback, run_first
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.preference_data import WORDS
 from spinal_callback.probe import SpinalProbe
@@ -61,7 +61,7 @@ def test_tensorboard_shows_the_reference_beside_the_run(
     callback = SpinalTrainerCallback(every_n_steps=4)
     make_dpo_trainer(callback).train()
     events = read_scalars(tmp_path / "run" / "runs" / "spinal")
-    reference = callback.session.reference
+    reference = callback.runner.reference
     assert reference is not None
     for name in RAMP_SUMMARY_NAMES:
         values = [event.value for event in events.Scalars(f"spinal/reference/ramp/{name}")]
@@ -92,12 +92,10 @@ def test_reference_is_the_trls_ref_model(
     reference = make_model("llama", layers=4, seed=1)
     callback = SpinalTrainerCallback(every_n_steps=4, ref_model=reference)
     make_dpo_trainer(callback, model=policy, ref_model=reference).train()
-    expected = SpinalProbe(reference, callback.session.probe.batch).run()
-    assert callback.session.reference is not None
-    torch.testing.assert_close(callback.session.reference.contraction, expected.contraction)
-    assert not torch.allclose(
-        callback.session.reference.contraction, callback.traces[0].contraction
-    )
+    expected = SpinalProbe(reference, callback.runner.probe.batch).run()
+    assert callback.runner.reference is not None
+    torch.testing.assert_close(callback.runner.reference.contraction, expected.contraction)
+    assert not torch.allclose(callback.runner.reference.contraction, callback.traces[0].contraction)
 
 
 def test_lora_policy_is_traced_adapted_and_reference_with_adapters_disabled(
@@ -109,7 +107,7 @@ def test_lora_policy_is_traced_adapted_and_reference_with_adapters_disabled(
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
     trainer = make_dpo_trainer(callback, peft_config=lora)
     trainer.train()
-    reference, final = callback.session.reference, callback.traces[-1]
+    reference, final = callback.runner.reference, callback.traces[-1]
     assert reference is not None
     torch.testing.assert_close(reference.contraction, callback.traces[0].contraction)
     assert not torch.allclose(final.contraction, reference.contraction, atol=1e-5)
@@ -135,7 +133,9 @@ def test_summaries_reach_reporting_callbacks_listed_before_it(
 ) -> None:
     recorder = LogRecorder()
     spinal = SpinalTrainerCallback(every_n_steps=4)
-    make_dpo_trainer(spinal, extra_callbacks=[recorder]).train()
+    trainer = make_dpo_trainer(spinal, extra_callbacks=[recorder])
+    run_first(trainer, spinal)
+    trainer.train()
     assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
     assert {"spinal/neutral/perplexity_ratio", "spinal/neutral/departure"} <= recorder.keys
 
@@ -149,7 +149,7 @@ def test_the_monitor_is_calibrated_on_the_reference_trace(
     # The fixture's model is random-initialised: no language for the neutral rules to watch.
     muted = [r for r in caplog.records if "trace_departure are off" in r.getMessage()]
     assert len(muted) == 1
-    session = spinal.session
+    session = spinal.runner
     assert session.reference is not None and session.monitor.reference is session.reference
     assert session.reference.neutral is not None
     assert session.monitor.probes_seen == len(spinal.traces)
@@ -226,7 +226,10 @@ def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
     trainer = make_dpo_trainer(callback)
     trainer.train()
     assert trainer.state.global_step == 12
-    assert [trace.step for trace in callback.traces] == [0, 4, 8, 12]
+    # The halved probe is another probe: the baseline restarts at step 4 on it.
+    assert [trace.step for trace in callback.traces] == [4, 8, 12]
+    assert callback.runner.reference is not None
+    assert callback.runner.reference.metadata["probe_rows"] == full_rows[0] // 2
     assert [alert.rule for alert in alerts] == ["probe_failed"]
     assert callback.traces[-1].metadata["probe_rows"] == full_rows[0] // 2
 
@@ -238,7 +241,7 @@ def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
 
     def fail_after_start(self: SpinalProbe, step: int = 0) -> Any:
         if step >= 4:
-            raise RuntimeError("CUDA error: simulated")
+            raise RuntimeError("CUDA out of memory (simulated)")
         return original(self, step)
 
     monkeypatch.setattr(SpinalProbe, "run", fail_after_start)
@@ -248,8 +251,9 @@ def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
     trainer.train()
     assert trainer.state.global_step == 12
     assert [trace.step for trace in callback.traces] == [0]
-    assert callback.session.disabled
+    assert callback.runner.disabled
     assert len(alerts) == 2 and "probing is off" in alerts[-1].message
+    assert "retrying with half the batch" in alerts[0].message
 
 
 class PoisonWeightsAt(TrainerCallback):
@@ -281,8 +285,12 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
         (4, "critical", "non_finite", "rewards/chosen"),
     ]
     log_dir = tmp_path / "run" / "runs" / "spinal"
-    lines = (log_dir / "spinal_events.jsonl").read_text().splitlines()
-    assert [json.loads(line)["metric"] for line in lines] == [a.metric for a in alerts]
+    records = [json.loads(line) for line in (log_dir / "spinal_events.jsonl").open()]
+    assert [r["metric"] for r in records if r["rule"] != "training_stopped"] == [
+        a.metric for a in alerts
+    ]
+    (stop,) = [r for r in records if r["rule"] == "training_stopped"]
+    assert stop["step"] == 4 and "training stopped at step 4" in stop["message"]
     levels = {e.step: e.value for e in read_scalars(log_dir).Scalars("spinal/alert_level")}
     assert levels[4] == 3.0 and levels[2] == 0.0
 
@@ -307,3 +315,61 @@ def test_stop_on_none_only_warns(make_dpo_trainer: Callable[..., Any]) -> None:
     trainer.train()
     assert trainer.state.global_step == 8
     assert alerts and all(a.rule == "non_finite" for a in alerts)
+
+
+def test_resume_restores_the_state_onto_the_users_live_callback(
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
+) -> None:
+    output = tmp_path / "restored"
+    make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4), output_dir=output).train()
+    alerts: list[Any] = []
+    live = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
+    trainer = make_dpo_trainer(
+        live,
+        output_dir=output,
+        model=make_model("llama", layers=4),
+        restore_callback_states_from_checkpoint=True,
+    )
+    trainer.train(resume_from_checkpoint=str(output / "checkpoint-6"))
+    assert live in trainer.callback_handler.callbacks
+    assert live.runner.on_alert is not None
+    assert [trace.step for trace in live.traces] == [0, 4, 8, 12]
+
+
+def test_the_checkpointed_state_stays_small_however_many_probes(
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    spinal = SpinalTrainerCallback(every_n_steps=1)
+    make_dpo_trainer(spinal, max_steps=12).train()
+    saved = json.loads((tmp_path / "run" / "checkpoint-12" / "trainer_state.json").read_text())
+    state = saved["stateful_callbacks"]["spinal_callback"]
+    assert state["history"]["count"] == 13 and len(json.dumps(state)) < 20_000
+
+
+def test_nan_weights_at_the_first_probe_stop_with_a_checkpoint_and_no_weight_change(
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
+) -> None:
+    policy = make_model("llama", layers=4)
+    with torch.no_grad():
+        policy.model.layers[-1].mlp.down_proj.weight.fill_(float("nan"))
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    trainer = make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4), model=policy)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+    for name, parameter in policy.named_parameters():
+        torch.testing.assert_close(parameter, before[name], equal_nan=True, rtol=0, atol=0)
+
+
+def test_keep_good_checkpoint_holds_weights_from_before_the_trouble(
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = tmp_path / "good"
+    callback = SpinalTrainerCallback(every_n_steps=2, keep_good_checkpoint=str(good))
+    trainer = make_dpo_trainer(callback, max_steps=12, extra_callbacks=[PoisonWeightsAt(5)])
+    with caplog.at_level("ERROR", logger="spinal_callback"):
+        trainer.train()
+    assert trainer.state.global_step == 6
+    # Candidates at the quiet probes 2 and 4; the probe at 4 vouched for the one of step 2.
+    assert (good / "model.safetensors").is_file() and (tmp_path / "good.candidate").is_dir()
+    assert f"Resume from {good} (step 2)" in caplog.text

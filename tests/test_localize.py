@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from spinal_callback.cli import main
 from spinal_callback.localize import Localization, localize, sparse_attribution
 from spinal_callback.pairs import collate_pairs, load_pairs, reply_logp_shifts
-from spinal_callback.patching import PatchRunner
+from spinal_callback.patching import PatchRunner, check_same_architecture
 from spinal_callback.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     make_preference_pairs,
@@ -248,6 +248,64 @@ def test_models_of_different_width_are_rejected_before_any_forward(
     wider = build_tiny_model("llama", vocab_size=len(task_tokenizer), hidden=96, layers=BLOCKS)
     with pytest.raises(ValueError, match=r"width 64 and vocabulary \d+, the tuned one 96"):
         localize(base, wider, task_tokenizer, pairs[:4], progress=False)
+
+
+@pytest.mark.usefixtures("no_forward")
+def test_a_tuned_model_of_another_architecture_with_the_same_sizes_is_rejected(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    gpt2 = build_tiny_model("gpt2", vocab_size=len(task_tokenizer), hidden=64, layers=BLOCKS)
+    message = r"base model is a llama \(LlamaForCausalLM\) and the tuned one a gpt2 \(GPT2LMHead"
+    with pytest.raises(ValueError, match=message):
+        localize(base, gpt2, task_tokenizer, pairs[:4], progress=False)
+
+
+@pytest.mark.usefixtures("no_forward")
+def test_a_tuned_model_with_other_parameter_shapes_is_rejected_naming_the_first(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    config = copy.deepcopy(base.config)
+    config.intermediate_size = base.config.intermediate_size + 32
+    wider_mlp = type(base)(config).eval()
+    expected = (
+        rf"'model.layers.0.mlp.gate_proj.weight' has shape \({base.config.intermediate_size}, 64\)"
+        rf" in the base model and \({config.intermediate_size}, 64\) in the tuned one"
+    )
+    with pytest.raises(ValueError, match=expected):
+        localize(base, wider_mlp, task_tokenizer, pairs[:4], progress=False)
+
+
+def test_a_tuned_model_with_a_parameter_the_base_lacks_is_rejected(
+    base: PreTrainedModel,
+) -> None:
+    tuned = copy.deepcopy(base)
+    tuned.model.layers[1].register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match=r"tuned model has a parameter 'model.layers.1.extra'"):
+        check_same_architecture(base, tuned)
+    with pytest.raises(ValueError, match=r"base model has a parameter 'model.layers.1.extra'"):
+        check_same_architecture(tuned, base)
+
+
+def test_an_unmerged_peft_adapter_on_the_base_is_the_same_architecture(
+    base: PreTrainedModel, rank_two_adapter: Any
+) -> None:
+    check_same_architecture(base, rank_two_adapter)
+
+
+def test_cli_rejects_a_tuned_checkpoint_of_another_architecture_in_one_line(
+    tmp_path: Path,
+    base: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    gpt2 = build_tiny_model("gpt2", vocab_size=len(task_tokenizer), hidden=64, layers=BLOCKS)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    status = run_localize(tmp_path, base, task_tokenizer, pairs[:8], "gpt2", ["--no-progress"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spinal")]
+    assert status == 2
+    assert len(errors) == 1 and "and the tuned one a gpt2 (GPT2LMHeadModel)" in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_lasso_selects_the_layer_whose_distance_explains_the_gain() -> None:

@@ -35,7 +35,7 @@ def test_probe_batch_rejects_too_few_tokens_for_the_spectrum(
 
 
 def test_probe_batch_rejects_non_strings(tokenizer: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="not strings"):
+    with pytest.raises(TypeError, match="not strings"):
         ProbeBatch.from_texts(tokenizer, ["a fine text", 3])  # type: ignore[list-item]
 
 

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import PreTrainedTokenizerFast
 
 from recipes import lightning_dpo, trl_dpo
@@ -147,13 +148,30 @@ def test_recipe_prints_the_tensorboard_command_and_a_summary(
     assert "held-out rewards/accuracies" in output
 
 
+def tensorboard_scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar written under ``root`` (all event-file directories), as (step, value)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for directory in sorted({path.parent for path in root.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
 @pytest.mark.parametrize("recipe", [trl_dpo, lightning_dpo], ids=["trl", "lightning"])
 def test_recipe_probes_the_run_with_the_callback_on(recipe: ModuleType, tmp_path: Path) -> None:
     args = recipe.parse_args(
         ["--steps", "40", "--every-n-steps", "20", "--output-dir", str(tmp_path)]
     )
     metrics = recipe.run(args)
-    assert "spinal/contraction_slope" in metrics and "spinal/alerts" in metrics
+    written = tensorboard_scalars(tmp_path)
+    slope = sorted(written["spinal/ramp/contraction_slope"])
+    assert [step for step, _ in slope if step > 0] == [20, 40]
+    assert slope[-1][1] == pytest.approx(metrics["spinal/contraction_slope"])
+    assert {f"spinal/contraction/L{i:02d}" for i in range(4)} <= set(written)
+    alert_levels = [level for _, level in written["spinal/alert_level"]]
+    assert (max(alert_levels) > 0) == (metrics["spinal/alerts"] > 0)
 
 
 def test_recipes_import_no_integration_without_the_callback() -> None:

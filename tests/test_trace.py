@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,28 @@ def test_loading_corrupted_tensors_is_reported(tmp_path: Path) -> None:
     (directory / "trace.safetensors").write_bytes(bytes(data))
     with pytest.raises(DepthTraceFormatError, match="corrupted"):
         DepthTrace.load(directory)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: data[:8] + b"{not json" + data[17:], id="garbled-header"),
+        pytest.param(lambda data: b"\x01", id="too-short"),
+    ],
+)
+def test_unreadable_tensors_whose_checksum_was_rewritten_are_a_format_error(
+    tmp_path: Path, damage: Callable[[bytes], bytes]
+) -> None:
+    directory = make_trace().save(tmp_path / "trace")
+    tensor_path, json_path = directory / "trace.safetensors", directory / "trace.json"
+    tensor_path.write_bytes(damage(tensor_path.read_bytes()))
+    header = json.loads(json_path.read_text())
+    header["tensors_sha256"] = hashlib.sha256(tensor_path.read_bytes()).hexdigest()
+    json_path.write_text(json.dumps(header))
+    with pytest.raises(DepthTraceFormatError, match="re-run the probe") as raised:
+        DepthTrace.load(directory)
+    assert str(tensor_path) in str(raised.value)
 
 
 def test_loading_truncated_json_is_reported(tmp_path: Path) -> None:

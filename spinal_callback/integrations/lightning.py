@@ -1,14 +1,15 @@
-"""SpinalCallback: the probe inside a PyTorch Lightning DPO ``LightningModule``.
+"""SpinalCallback: the runner inside a PyTorch Lightning DPO ``LightningModule``.
 
     trainer = lightning.Trainer(callbacks=[SpinalCallback(tokenizer=tokenizer, every_n_steps=50)])
 
-The adapter only decides when to probe (train start, every ``every_n_steps`` optimizer steps,
-train end) and where to write (the trainer's ``TensorBoardLogger`` when it has one, its own
-``SummaryWriter`` otherwise, on global rank zero); ``ProbeSession`` does the rest.
+The adapter only translates Lightning's events into ``Runner`` calls (ARCHITECTURE.md). It writes
+to the trainer's ``TensorBoardLogger`` when it has one, to its own writer otherwise (global rank
+zero), and takes the stop decision through the strategy, as ``EarlyStopping`` does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,30 +20,39 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.session import AlertHook, ProbeSession
+from spinal_callback.integrations.common import GoodCheckpoint, rank_event_log, resolve_config
+from spinal_callback.outputs import AlertHook, Outputs
+from spinal_callback.runner import Decision, Runner
 from spinal_callback.tensorboard import TraceBoard
 
+_log = logging.getLogger("spinal_callback")
 REFERENCE_ATTRIBUTES = ("ref_model", "reference", "reference_model")
 
 
 class SpinalCallback(pl.Callback):
-    """Probe late-layer depth traces during Lightning training and write them to TensorBoard.
+    """Probe late-layer depth traces during Lightning training; alert, and stop on ``stop_on``.
 
-    Constructor arguments are plain types so ``LightningCLI`` YAML can build the callback.
+    Every argument is a plain type, so ``LightningCLI`` builds the callback from YAML or from
+    ``--trainer.callbacks.every_n_steps=50``.
 
     Args:
-        config: a ``SpinalConfig`` or a dict of its fields; keyword overrides apply on top.
+        config: a ``SpinalConfig`` or a dict of its fields; the keywords below apply on top.
         probe_texts: probe texts; ``None`` takes the ``prompt`` field of the datamodule's (or the
             module's) ``train_dataset``.
         tokenizer: a tokenizer, or a local directory to load one from; ``None`` uses
             ``pl_module.tokenizer``.
         model_attr: attribute of the ``LightningModule`` holding the policy causal LM.
-        log_dir: directory for our own ``SummaryWriter`` when the trainer has no
-            ``TensorBoardLogger``; ``None`` is ``<default_root_dir>/spinal``.
-        on_alert: called with each ``Alert``.
+        log_dir: directory for our own writer when the trainer has no ``TensorBoardLogger``;
+            ``None`` is ``<default_root_dir>/spinal``.
+        on_alert: called with each ``Alert``; an exception it raises is logged, not propagated.
         neutral_texts: neutral text the run does not train on, probed in the same forward
             (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
-        **config_overrides: ``SpinalConfig`` fields, e.g. ``every_n_steps=50``.
+        every_n_steps, stop_on, late_layers, event_log, drift_every: the ``SpinalConfig``
+            fields users set most; a value equal to the field's default leaves ``config`` as is.
+        keep_good_checkpoint: a ``.ckpt`` path that always holds a full checkpoint from a probe
+            that a later quiet probe vouched for, while no rank has warned; at most two on disk
+            (``GoodCheckpoint``), whatever the ``ModelCheckpoint`` settings. ``None``: off.
+        **config_overrides: any other ``SpinalConfig`` field.
 
     The reference traced once as the baseline is ``pl_module.ref_model`` / ``.reference`` /
     ``.reference_model`` when present, else the PEFT policy with adapters disabled, else the
@@ -58,28 +68,52 @@ class SpinalCallback(pl.Callback):
         log_dir: str | None = None,
         on_alert: AlertHook | None = None,
         neutral_texts: Sequence[str] | None = None,
+        every_n_steps: int = SpinalConfig.every_n_steps,
+        stop_on: str | None = SpinalConfig.stop_on,
+        late_layers: list[int] | None = SpinalConfig.late_layers,
+        event_log: str | None = SpinalConfig.event_log,
+        drift_every: int | None = SpinalConfig.drift_every,
+        keep_good_checkpoint: str | None = None,
         **config_overrides: Any,
     ) -> None:
-        base = config if isinstance(config, SpinalConfig) else SpinalConfig(**(config or {}))
-        self.config = base.with_overrides(**config_overrides)
+        explicit = {
+            "every_n_steps": every_n_steps,
+            "stop_on": stop_on,
+            "late_layers": late_layers,
+            "event_log": event_log,
+            "drift_every": drift_every,
+        }
+        self.config = resolve_config(config, explicit, config_overrides)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.log_dir = log_dir
-        self.neutral_texts = list(neutral_texts) if neutral_texts is not None else None
-        self.session = ProbeSession(self.config, probe_texts, on_alert, self.neutral_texts)
-        self._own_writer: Any = None
+        self.keep_good_checkpoint = keep_good_checkpoint
+        self.runner = Runner(
+            self.config,
+            probe_texts,
+            neutral_texts,
+            on_alert,
+            keep_good_checkpoint=keep_good_checkpoint is not None,
+        )
         self._last_logs_step = -1
         self._metrics_seen: dict[str, float] = {}
+        self._checkpoints_seen: set[str] = set()
+        self._good: GoodCheckpoint | None = None
+        self._saving_step: int | None = None
 
     @property
     def traces(self) -> list[Any]:
-        """The ``DepthTrace``s recorded so far (restored ones included after a resume)."""
-        return self.session.history
+        """The ``DepthTrace``s of the current probe (restored ones included after a resume)."""
+        return self.runner.traces
+
+    @property
+    def alerts(self) -> list[Any]:
+        """The ``Alert``s raised in this process."""
+        return self.runner.alerts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        model = self._policy(pl_module)
         reference = next(
             (
                 getattr(pl_module, a)
@@ -88,21 +122,22 @@ class SpinalCallback(pl.Callback):
             ),
             None,
         )
-        self.session.setup(
-            model, self._tokenizer(pl_module), _train_dataset(trainer, pl_module), reference
+        self.runner.setup(
+            self._policy(pl_module),
+            self._tokenizer(pl_module),
+            _train_dataset(trainer, pl_module),
+            reference,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.session.event_log is None:
-            if trainer.is_global_zero:
-                writer, log_dir = self._writer(trainer)
-                self.session.attach_outputs(TraceBoard(writer), log_dir, trainer.global_step)
-            else:
-                log_dir = self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
-                self.session.attach_outputs(None, log_dir, trainer.global_step)
-        if trainer.global_step == 0:
-            self._probe(trainer, pl_module, 0)
-            self._stop_if_asked(trainer, 0)
+        board, log_dir, owned = None, self._own_log_dir(trainer), False
+        if trainer.is_global_zero:
+            board, log_dir, owned = self._board(trainer)
+        outputs = Outputs(board, rank_event_log(self.config, log_dir), owns_board=owned)
+        step = trainer.global_step
+        decision = self.runner.begin(step, outputs, log_dir, _strategy_reduce_any(trainer))
+        self._forward_scalars(trainer, step)
+        self._act(decision, trainer, step)
 
     def on_train_batch_end(
         self,
@@ -113,42 +148,75 @@ class SpinalCallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        probe_due = self.session.is_due(step)
-        log_due = step != self._last_logs_step and step % _log_cadence(trainer, self.config) == 0
-        if probe_due:
-            self._probe(trainer, pl_module, step)
-        if log_due:
+        self._note_checkpoints(trainer, step)
+        decision = self.runner.step(step)
+        self._forward_scalars(trainer, step)
+        self._act(decision, trainer, step)
+        if step != self._last_logs_step and step % _log_cadence(trainer, self.config) == 0:
             self._last_logs_step = step
-            self.session.observe_logs(step, self._fresh_metrics(trainer))
-        if probe_due or log_due:
-            self._stop_if_asked(trainer, step)
+            self._act(self.runner.logs(step, self._fresh_metrics(trainer)), trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        session = self.session
-        # Every rank must take part (probe_at is a no-op where probing is off): decide_stop is a
-        # collective.
-        if session.last_probe_step != trainer.global_step:
-            self._probe(trainer, pl_module, trainer.global_step)
-            self._stop_if_asked(trainer, trainer.global_step)
-        session.finish()
-        if self._own_writer is not None:
-            self._own_writer.close()
-            self._own_writer = None
+        self.runner.end(trainer.global_step)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._saving_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
-        return self.session.state_dict()
+        return self.runner.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.session.load_state_dict(state_dict)
+        self.runner.load_state_dict(state_dict)
 
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        """Probe and feed the non-TensorBoard loggers."""
-        trace = self.session.probe_at(self._policy(pl_module), step)
-        logs = self.session.pop_pending_logs()
-        if trace is not None and trainer.is_global_zero:
+    def _act(self, decision: Decision, trainer: pl.Trainer, step: int) -> None:
+        """On a stop: save ``spinal-stop-step=<step>.ckpt`` (every rank: a collective), stop.
+        On ``save_good``: overwrite the good checkpoint."""
+        if decision.save_good and self.keep_good_checkpoint is not None:
+            if self._good is None:
+                self._good = GoodCheckpoint(
+                    self.keep_good_checkpoint, trainer.save_checkpoint, trainer.is_global_zero
+                )
+            try:
+                promoted = self._good.rotate(step)
+            except OSError as error:
+                _log.error(
+                    "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",
+                    self.keep_good_checkpoint,
+                    error,
+                )
+                promoted = None
+            if promoted is not None:
+                self.runner.saved(promoted, self.keep_good_checkpoint)
+        if decision.stop and not trainer.should_stop:
+            trainer.save_checkpoint(
+                os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
+            )
+            trainer.should_stop = True
+
+    def _forward_scalars(self, trainer: pl.Trainer, step: int) -> None:
+        """The probe's scalars to the non-TensorBoard loggers (TensorBoard has them already)."""
+        scalars = self.runner.pop_scalars()
+        if scalars and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if not isinstance(logger, TensorBoardLogger):
-                    logger.log_metrics(logs, step=step)
+                    logger.log_metrics(scalars, step=step)
+
+    def _note_checkpoints(self, trainer: pl.Trainer, step: int) -> None:
+        """Tell the runner about checkpoint files the trainer's ``ModelCheckpoint``s wrote, at
+        the step they were saved (``on_save_checkpoint`` noted it)."""
+        step = self._saving_step if self._saving_step is not None else step
+        for callback in trainer.checkpoint_callbacks:
+            paths = [
+                getattr(callback, "last_model_path", ""),
+                getattr(callback, "best_model_path", ""),
+            ]
+            paths += list(getattr(callback, "best_k_models", {}) or {})
+            for path in paths:
+                if path and path not in self._checkpoints_seen and os.path.isfile(path):
+                    self._checkpoints_seen.add(path)
+                    self.runner.saved(step, str(path))
 
     def _fresh_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """The logged scalars that changed since the last read: a metric logged once per epoch
@@ -157,15 +225,6 @@ class SpinalCallback(pl.Callback):
         fresh = {key: v for key, v in scalars.items() if self._metrics_seen.get(key) != v}
         self._metrics_seen = scalars
         return fresh
-
-    def _stop_if_asked(self, trainer: pl.Trainer, step: int) -> None:
-        """Save a checkpoint and stop if any rank's alerts reached ``stop_on`` (a collective:
-        every rank calls it at the same steps)."""
-        if self.session.decide_stop() and not trainer.should_stop:
-            trainer.save_checkpoint(
-                os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
-            )
-            trainer.should_stop = True
 
     def _policy(self, pl_module: pl.LightningModule) -> nn.Module:
         model = getattr(pl_module, self.model_attr, None)
@@ -187,16 +246,26 @@ class SpinalCallback(pl.Callback):
             tokenizer = load_local_tokenizer(os.fspath(tokenizer))
         return tokenizer
 
-    def _writer(self, trainer: pl.Trainer) -> tuple[Any, str]:
-        """The TensorBoardLogger's writer and directory, else our own SummaryWriter's."""
+    def _own_log_dir(self, trainer: pl.Trainer) -> str:
+        return self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
+
+    def _board(self, trainer: pl.Trainer) -> tuple[TraceBoard, str, bool]:
+        """The TensorBoardLogger's writer and directory, else a writer of our own."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                return logger.experiment, logger.log_dir
-        from torch.utils.tensorboard import SummaryWriter
+                return TraceBoard(logger.experiment), logger.log_dir, False
+        log_dir = self._own_log_dir(trainer)
+        return TraceBoard.open(log_dir), log_dir, True
 
-        log_dir = self.log_dir or os.path.join(trainer.default_root_dir, "spinal")
-        self._own_writer = SummaryWriter(log_dir)
-        return self._own_writer, log_dir
+
+def _strategy_reduce_any(trainer: pl.Trainer) -> Any:
+    """The strategy's boolean reduction (``EarlyStopping`` uses it): true everywhere if true on
+    any rank."""
+
+    def reduce_any(flag: bool) -> bool:
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    return reduce_any
 
 
 def _log_cadence(trainer: pl.Trainer, config: SpinalConfig) -> int:

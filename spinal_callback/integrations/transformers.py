@@ -1,27 +1,34 @@
-"""SpinalTrainerCallback: the probe inside a Hugging Face ``Trainer`` or TRL ``DPOTrainer``.
+"""SpinalTrainerCallback: the runner inside a Hugging Face ``Trainer`` or TRL ``DPOTrainer``.
 
     spinal = SpinalTrainerCallback(every_n_steps=50)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=train,
                          processing_class=tokenizer, callbacks=[spinal])
 
-The adapter only decides when to probe (train begin, every ``every_n_steps``, train end) and
-where to write (``<output_dir>/runs/spinal`` on the main process); ``ProbeSession`` does the rest.
+The adapter only translates HF's events into ``Runner`` calls (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
-import inspect
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import CallbackHandler, ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.session import AlertHook, ProbeSession
+from spinal_callback.integrations.common import GoodCheckpoint, rank_event_log, resolve_config
+from spinal_callback.outputs import AlertHook, Outputs
+from spinal_callback.runner import Decision, Runner
 from spinal_callback.tensorboard import TraceBoard
+
+logger = logging.getLogger("spinal_callback")
+STATE_KEY = "spinal_callback"
+"""Our entry in ``TrainerState.stateful_callbacks``; not the class name, so that HF's
+``restore_callback_states_from_checkpoint`` never replaces the user's callback object."""
 
 
 def default_log_dir(args: TrainingArguments) -> str:
@@ -31,24 +38,42 @@ def default_log_dir(args: TrainingArguments) -> str:
     return os.path.join(base or os.path.join(str(args.output_dir), "runs"), "spinal")
 
 
-class SpinalTrainerCallback(TrainerCallback, ExportableState):
-    """Probe late-layer depth traces during HF/TRL training and write them to TensorBoard.
+def run_first(trainer: Any, callback: SpinalTrainerCallback) -> None:
+    """Move ``callback`` to the front of ``trainer``'s callbacks, so reporting integrations
+    (W&B, MLflow, ...; HF lists them before user callbacks) also see the scalars it adds to the
+    logs."""
+    handler = trainer.callback_handler
+    if callback not in handler.callbacks:
+        raise ValueError("run_first: the callback is not one of this trainer's callbacks")
+    handler.callbacks.remove(callback)
+    handler.callbacks.insert(0, callback)
+
+
+class SpinalTrainerCallback(TrainerCallback):
+    """Probe late-layer depth traces during HF/TRL training; alert, and stop on ``stop_on``.
 
     Args:
-        config: a ``SpinalConfig`` (or a dict of its fields); keyword overrides apply on top.
+        config: a ``SpinalConfig`` (or a dict of its fields); the keywords below apply on top.
         probe_texts: probe texts; ``None`` takes the ``prompt`` column of the train dataset.
         log_dir: TensorBoard directory; ``None`` is ``default_log_dir(args)``
             (``<output_dir>/runs/spinal`` on transformers 5).
-        on_alert: called with each ``Alert``.
+        on_alert: called with each ``Alert``; an exception it raises is logged, not propagated.
         neutral_texts: neutral text the run does not train on, probed in the same forward
             (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
         ref_model: the reference model to trace once as the baseline (TRL's ``ref_model``);
             with a PEFT policy and no ``ref_model`` the adapters-disabled policy is used.
-        **config_overrides: ``SpinalConfig`` fields, e.g. ``every_n_steps=50``.
+        every_n_steps, stop_on, late_layers, event_log, drift_every: the ``SpinalConfig``
+            fields users set most; a value equal to the field's default leaves ``config`` as is.
+        keep_good_checkpoint: a directory that always holds the model's weights
+            (``save_pretrained``) from a probe that a later quiet probe vouched for, while no rank
+            has warned; at most two copies on disk (``GoodCheckpoint``), whatever
+            ``save_total_limit`` deletes. Weights only (no optimizer state); not under DeepSpeed
+            ZeRO-3, whose weights are partitioned. ``None``: off.
+        **config_overrides: any other ``SpinalConfig`` field.
 
-    Bad configuration raises ``ValueError`` at construction or at ``on_train_begin``, before the
-    first training step. A probe that fails during training is logged as an alert and retried
-    once with half the batch; after a second failure probing stops and training goes on.
+    Bad configuration raises at construction or at ``on_train_begin``, before the first step.
+    The callback's state is saved in every checkpoint (``trainer_state.json``) and restored onto
+    this object on resume.
     """
 
     def __init__(
@@ -59,21 +84,44 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
         on_alert: AlertHook | None = None,
         neutral_texts: Sequence[str] | None = None,
         ref_model: nn.Module | None = None,
+        every_n_steps: int = SpinalConfig.every_n_steps,
+        stop_on: str | None = SpinalConfig.stop_on,
+        late_layers: list[int] | None = SpinalConfig.late_layers,
+        event_log: str | None = SpinalConfig.event_log,
+        drift_every: int | None = SpinalConfig.drift_every,
+        keep_good_checkpoint: str | None = None,
         **config_overrides: Any,
     ) -> None:
-        base = config if isinstance(config, SpinalConfig) else SpinalConfig(**(config or {}))
-        self.config = base.with_overrides(**config_overrides)
-        self.probe_texts = list(probe_texts) if probe_texts is not None else None
+        explicit = {
+            "every_n_steps": every_n_steps,
+            "stop_on": stop_on,
+            "late_layers": late_layers,
+            "event_log": event_log,
+            "drift_every": drift_every,
+        }
+        self.config = resolve_config(config, explicit, config_overrides)
         self.log_dir = log_dir
         self.ref_model = ref_model
-        self.neutral_texts = list(neutral_texts) if neutral_texts is not None else None
-        self.session = ProbeSession(self.config, self.probe_texts, on_alert, self.neutral_texts)
-        self._writer: Any = None
+        self.keep_good_checkpoint = keep_good_checkpoint
+        self.runner = Runner(
+            self.config,
+            probe_texts,
+            neutral_texts,
+            on_alert,
+            keep_good_checkpoint=keep_good_checkpoint is not None,
+        )
+        self._model: nn.Module | None = None
+        self._good: GoodCheckpoint | None = None
 
     @property
     def traces(self) -> list[Any]:
-        """The ``DepthTrace``s recorded so far (restored ones included after a resume)."""
-        return self.session.history
+        """The ``DepthTrace``s of the current probe (restored ones included after a resume)."""
+        return self.runner.traces
+
+    @property
+    def alerts(self) -> list[Any]:
+        """The ``Alert``s raised in this process."""
+        return self.runner.alerts
 
     def on_train_begin(
         self,
@@ -89,30 +137,36 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
             raise ValueError("SpinalTrainerCallback got no model from the trainer")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dataset = getattr(train_dataloader, "dataset", None)
-        self.session.setup(model, tokenizer, dataset, self.ref_model)
-        self._restore_from(state)
+        self.runner.setup(model, tokenizer, dataset, self.ref_model)
+        self._model = model
+        if state.global_step > 0 and self.runner.last_probe_step < 0:
+            self._restore(state)
         log_dir = self.log_dir or default_log_dir(args)
-        board = None
-        if state.is_world_process_zero:
-            from torch.utils.tensorboard import SummaryWriter
+        board = TraceBoard.open(log_dir) if state.is_world_process_zero else None
+        outputs = Outputs(board, rank_event_log(self.config, log_dir), owns_board=True)
+        self._act(self.runner.begin(state.global_step, outputs, log_dir), control, state)
 
-            self._writer = SummaryWriter(log_dir)
-            board = TraceBoard(self._writer)
-        self.session.attach_outputs(board, log_dir, state.global_step)
-        self._run_before_reporting_callbacks()
-        if state.global_step == 0:
-            self._probe(model, 0, control)
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """A stop decided at train begin: HF takes one step before it looks at the control, so
+        clear the gradients and let that step change nothing."""
+        model = kwargs.get("model")
+        if self.runner.stopped and model is not None:
+            model.zero_grad(set_to_none=True)
 
     def on_step_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if model is not None and self.session.is_due(state.global_step):
-            self._probe(model, state.global_step, control)
+        step = state.global_step
+        decision = self.runner.step(step)
+        if decision.save_good:
+            self._save_good(step, state)
+        if step == self.runner.last_probe_step:
+            self._store(state)
+        if decision.stop or self.runner.stopped:
+            control.should_save = True
+            control.should_training_stop = True
 
     def on_log(
         self,
@@ -124,82 +178,69 @@ class SpinalTrainerCallback(TrainerCallback, ExportableState):
     ) -> None:
         if logs is None:
             return
-        self.session.observe_logs(state.global_step, logs)
-        logs.update(self.session.pop_pending_logs())
-        self._stop_if_asked(control)
+        decision = self.runner.logs(state.global_step, logs)
+        logs.update(self.runner.pop_scalars())
+        self._act(decision, control, state)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        path = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self.runner.saved(state.global_step, path)
+        self._store(state)
 
     def on_train_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module | None = None,
-        **kwargs: Any,
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        session = self.session
-        if (
-            model is not None
-            and not session.disabled
-            and session.last_probe_step != state.global_step
-        ):
-            session.probe_at(model, state.global_step)
-        session.finish()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.runner.end(state.global_step)
 
-    def _probe(self, model: nn.Module, step: int, control: TrainerControl) -> None:
-        """Probe, then stop (saving a checkpoint first) if any rank's alerts reached stop_on."""
-        self.session.probe_at(model, step)
-        self._stop_if_asked(control)
-
-    def _stop_if_asked(self, control: TrainerControl) -> None:
-        """Save a checkpoint and stop if any rank's alerts reached ``stop_on`` (a collective)."""
-        if self.session.decide_stop():
+    def _act(self, decision: Decision, control: TrainerControl, state: TrainerState) -> None:
+        """Keep the checkpointed state current; on a stop, save a checkpoint and stop."""
+        self._store(state)
+        if decision.stop:
             control.should_save = True
             control.should_training_stop = True
 
-    def state(self) -> dict[str, Any]:
-        """Saved with every checkpoint (``trainer_state.json``): constructor args and history."""
-        return {
-            "args": {
-                "config": self.config.to_dict(),
-                "probe_texts": self.probe_texts,
-                "neutral_texts": self.neutral_texts,
-                "log_dir": self.log_dir,
-            },
-            "attributes": {"spinal_state": self.session.state_dict()},
-        }
-
-    @property
-    def spinal_state(self) -> dict[str, Any]:
-        return self.session.state_dict()
-
-    @spinal_state.setter
-    def spinal_state(self, value: dict[str, Any]) -> None:
-        # HF sets this when `restore_callback_states_from_checkpoint=True` rebuilds the callback.
-        self.session.load_state_dict(value)
-
-    def _restore_from(self, state: TrainerState) -> None:
-        """On resume, load the history saved in the checkpoint's ``trainer_state.json``."""
-        if state.global_step == 0 or self.session.last_probe_step >= 0:
+    def _save_good(self, step: int, state: TrainerState) -> None:
+        """Rotate the good checkpoint (``GoodCheckpoint``): weights via ``save_pretrained``."""
+        model = self._model
+        if self.keep_good_checkpoint is None or model is None:
             return
+        if self._good is None:
+            main = state.is_world_process_zero
+
+            def save(path: str) -> None:
+                if main:
+                    shutil.rmtree(path, ignore_errors=True)
+                    model.save_pretrained(path)  # type: ignore[operator]
+
+            self._good = GoodCheckpoint(self.keep_good_checkpoint, save, main)
+        try:
+            promoted = self._good.rotate(step)
+        except OSError as error:
+            logger.error(
+                "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",
+                self.keep_good_checkpoint,
+                error,
+            )
+            return
+        if promoted is not None:
+            self.runner.saved(promoted, self.keep_good_checkpoint)
+
+    def _store(self, state: TrainerState) -> None:
+        """Our bounded state under ``STATE_KEY``, written with the next checkpoint."""
+        if isinstance(state.stateful_callbacks, dict):
+            state.stateful_callbacks[STATE_KEY] = self.runner.state_dict()
+
+    def _restore(self, state: TrainerState) -> None:
+        """On resume, load the state saved in the checkpoint's ``trainer_state.json`` (also the
+        entry older versions saved under the class name)."""
         stored: dict[str, Any] = dict(state.stateful_callbacks or {})  # type: ignore[arg-type]
-        saved = stored.get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
+        saved = stored.get(STATE_KEY)
+        if saved is None:
+            legacy = stored.get(type(self).__name__)
+            if isinstance(legacy, list):
+                legacy = legacy[0] if legacy else None
+            saved = (legacy or {}).get("attributes", {}).get("spinal_state")
         if saved:
-            self.session.load_state_dict(saved["attributes"]["spinal_state"])
-
-    def _run_before_reporting_callbacks(self) -> None:
-        """Move this callback to the front so W&B/MLflow/... see the scalars it adds in on_log.
-
-        HF lists reporting integrations before user callbacks, and every callback receives the
-        same ``logs`` dict in turn; the handler is the caller of this callback's hooks.
-        """
-        frame = inspect.currentframe()
-        caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
-        handler = caller.f_locals.get("self") if caller is not None else None
-        if isinstance(handler, CallbackHandler) and self in handler.callbacks:
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(0, self)
+            self.runner.load_state_dict(saved)

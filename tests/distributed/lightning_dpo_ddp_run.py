@@ -115,7 +115,7 @@ def main() -> None:
         log_every_n_steps=1,
     )
     trainer.fit(module, pair_batches())
-    board = callback.session.board
+    board = callback.runner.outputs.board
     record = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -124,7 +124,7 @@ def main() -> None:
         "had_board": board is not None,
         "board_log_dir": getattr(board.writer, "log_dir", None) if board is not None else None,
         "logger_log_dir": logger.log_dir,
-        "disabled": callback.session.disabled,
+        "disabled": callback.runner.disabled,
         "global_step": trainer.global_step,
     }
     (options.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

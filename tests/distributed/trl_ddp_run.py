@@ -100,8 +100,8 @@ def main() -> None:
         "model_class": type(trainer.model_wrapped).__name__,
         "probe_steps": [trace.step for trace in callback.traces],
         "transport_mean": [trace.summary["transport_mean"] for trace in callback.traces],
-        "had_board": callback.session.board is not None,
-        "alerts": [[alert.step, alert.rule] for alert in callback.session.alerts],
+        "had_board": callback.runner.outputs.board is not None,
+        "alerts": [[alert.step, alert.rule] for alert in callback.runner.alerts],
         "global_step": trainer.state.global_step,
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))

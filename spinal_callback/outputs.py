@@ -1,0 +1,153 @@
+"""Outputs: where the runner's records go, none of which may break the training run.
+
+Three sinks: TensorBoard (a ``TraceBoard``, main process only), the JSONL event log (every rank,
+its own file) and the user's ``on_alert`` hook. A failing sink (a read-only or full disk,
+``/dev/full``, a webhook that is down) is logged once at ERROR with its path and cause and then
+retried at each later record; the run, its probes and its stop decision go on in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from spinal_callback.events import Alert, AlertLevel, EventLog
+from spinal_callback.trace import DepthTrace
+
+logger = logging.getLogger("spinal_callback")
+AlertHook = Callable[[Alert], None]
+_LOG_LEVELS = {
+    AlertLevel.INFO: logging.INFO,
+    AlertLevel.WARNING: logging.WARNING,
+    AlertLevel.CRITICAL: logging.ERROR,
+}
+
+
+class _Guard:
+    """Runs one sink's writes; the first failure of a streak is logged at ERROR, recovery at
+    WARNING, and nothing is raised."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+
+    def run(
+        self, write: Callable[[], object], catch: type[BaseException] | tuple[Any, ...]
+    ) -> bool:
+        try:
+            write()
+        except catch as error:
+            if not self.failing:
+                logger.error(
+                    "spinal-callback: %s failed (%r); training goes on, records stay in memory "
+                    "and the console, and it is retried at the next record",
+                    self.what,
+                    error,
+                    exc_info=not isinstance(error, OSError),
+                )
+            self.failing = True
+            return False
+        if self.failing:
+            logger.warning("spinal-callback: %s works again", self.what)
+        self.failing = False
+        return True
+
+
+class Outputs:
+    """The runner's sinks.
+
+    Args:
+        board: TensorBoard writer (``None`` on other ranks or without TensorBoard). Its methods
+            never raise (``TraceBoard``).
+        event_log: the JSONL event log (``None``: none).
+        on_alert: the user's hook, called with every alert.
+        owns_board: ``close`` closes the board's writer (one we opened, not a logger's).
+    """
+
+    def __init__(
+        self,
+        board: Any = None,
+        event_log: EventLog | None = None,
+        on_alert: AlertHook | None = None,
+        owns_board: bool = False,
+    ) -> None:
+        self.board = board
+        self.owns_board = owns_board
+        self.event_log = event_log
+        self.on_alert = on_alert
+        where = event_log.path if event_log is not None else Path("-")
+        self._log_guard = _Guard(f"writing the event log {where}")
+        self._hook_guard = _Guard("the on_alert hook")
+
+    def alert(self, alert: Alert) -> None:
+        """Event log first (it must survive a crash), then the console, TensorBoard, the hook."""
+        if self.event_log is not None:
+            event_log = self.event_log
+            self._log_guard.run(lambda: event_log.append(alert), OSError)
+        logger.log(
+            _LOG_LEVELS[alert.severity],
+            "spinal-callback step %d [%s] %s: %s",
+            alert.step,
+            alert.level,
+            alert.rule,
+            alert.message,
+        )
+        if self.board is not None:
+            self.board.write_alert_text(alert)
+        if self.on_alert is not None:
+            hook = self.on_alert
+            self._hook_guard.run(lambda: hook(alert), Exception)
+
+    def record(self, alert: Alert) -> None:
+        """A record for the event log and TensorBoard only (e.g. the stop), never the hook."""
+        if self.event_log is not None:
+            event_log = self.event_log
+            self._log_guard.run(lambda: event_log.append(alert), OSError)
+        if self.board is not None:
+            self.board.write_alert_text(alert)
+
+    def trace(
+        self, trace: DepthTrace, reference: DepthTrace | None, alerts: Sequence[Alert]
+    ) -> None:
+        if self.board is not None:
+            self.board.write_trace(trace, reference)
+            self.board.write_alerts(trace.step, alerts)
+
+    def level(self, step: int, alerts: Sequence[Alert]) -> None:
+        if self.board is not None and alerts:
+            self.board.write_alerts(step, alerts)
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self.board is not None:
+            self.board.write_scalars(step, scalars)
+
+    def note(self, step: int, text: str) -> None:
+        """A console warning and a ``spinal/notes`` entry."""
+        logger.warning("spinal-callback: %s", text)
+        if self.board is not None:
+            self.board.write_note(step, text)
+
+    def heatmap(self, history: Sequence[DepthTrace]) -> None:
+        if self.board is not None:
+            self.board.write_heatmap(history)
+
+    def flush(self) -> None:
+        if self.board is not None:
+            self.board.flush()
+
+    def trim_after(self, step: int) -> None:
+        """Resume: drop the event-log records and hide the TensorBoard events newer than
+        ``step`` that an interrupted run left."""
+        if self.event_log is not None:
+            event_log = self.event_log
+            self._log_guard.run(lambda: event_log.truncate_after(step), OSError)
+        if self.board is not None:
+            self.board.purge_after(step)
+
+    def close(self) -> None:
+        """Flush; close the board's writer when it is ours."""
+        self.flush()
+        if self.board is not None and self.owns_board:
+            self.board.close()

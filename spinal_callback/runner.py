@@ -1,0 +1,581 @@
+"""Runner: the probe inside a training loop, with no framework in sight.
+
+An adapter translates its framework's events into four calls, on every rank at the same points:
+
+    runner.setup(model, tokenizer, dataset, reference_model)   # build; bad input raises here
+    runner.begin(step, outputs, directory)    -> Decision       # train start (step > 0: resume)
+    runner.step(step)                         -> Decision       # after each optimizer step
+    runner.logs(step, logs)                   -> Decision       # the trainer's logged scalars
+    runner.saved(step, path)                                     # a checkpoint was written
+    runner.end(step)                                             # train end
+
+and acts on the ``Decision``: when ``stop`` is true, save a checkpoint and stop. The stop decision
+is the only collective (an injected ``reduce_any``: Lightning's strategy, else
+``torch.distributed``), taken only when ``stop_on`` is set. See ARCHITECTURE.md for how the
+parts fit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spinal_callback import distributed
+from spinal_callback.config import SpinalConfig
+from spinal_callback.detector import RampMonitor
+from spinal_callback.drift import DriftMeter, drift_scalars
+from spinal_callback.events import Alert, AlertLevel
+from spinal_callback.history import TraceHistory
+from spinal_callback.model_access import peft_model_in
+from spinal_callback.outputs import AlertHook, Outputs
+from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.rules.language import has_language
+from spinal_callback.tensorboard import summary_scalars
+from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS, check_texts
+from spinal_callback.trace import DepthTrace
+
+logger = logging.getLogger("spinal_callback")
+STATE_VERSION = 2
+PROBE_FAILED = "probe_failed"
+TRAINING_STOPPED = "training_stopped"
+TOOL_RULES = frozenset({PROBE_FAILED})
+"""Rules that report a failure of this tool, not of the run: they never stop training."""
+CHECKPOINTS_KEPT = 8
+"""Checkpoints remembered (step, path) to name the last one saved before the first warning."""
+ReduceAny = Callable[[bool], bool]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the adapter does after an event.
+
+    Attributes:
+        stop: save a checkpoint, then stop training.
+        message: why (names the checkpoint to resume from).
+        save_good: overwrite the one good checkpoint (``keep_good_checkpoint``): every rank has
+            probed and none has warned so far.
+    """
+
+    stop: bool = False
+    message: str = ""
+    save_good: bool = False
+
+
+CONTINUE = Decision()
+
+
+def build_probe_batch(
+    config: SpinalConfig,
+    tokenizer: Any,
+    probe_texts: Sequence[str] | None,
+    dataset: Any = None,
+) -> ProbeBatch:
+    """The probe from explicit texts, else from the prompts of ``dataset``.
+
+    Raises:
+        ValueError: no tokenizer, or neither texts nor a dataset with a ``prompt`` column.
+    """
+    if tokenizer is None:
+        raise ValueError(
+            "spinal-callback needs a tokenizer to build the probe: pass tokenizer=... to the "
+            "callback (Lightning) or processing_class=... to the trainer (HF/TRL)"
+        )
+    if probe_texts is not None:
+        return ProbeBatch.from_texts(tokenizer, list(probe_texts), config.max_probe_length)
+    if dataset is None:
+        raise ValueError(
+            "spinal-callback has no probe texts and no train dataset to take prompts from: "
+            "pass probe_texts=[...] to the callback"
+        )
+    return ProbeBatch.from_dataset(tokenizer, dataset, max_length=config.max_probe_length)
+
+
+class Runner:
+    """Schedule, reference, history, drift, rules, outputs and the stop decision of one run.
+
+    Args:
+        config: the run's ``SpinalConfig``.
+        probe_texts: probe texts; ``None`` takes prompts from the train dataset at ``setup``.
+            Checked here (``texts.check_texts``): a bare string, an empty list or blank texts
+            raise at construction.
+        neutral_texts: neutral texts (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``).
+        on_alert: called with every ``Alert`` (on every rank); an exception it raises is logged,
+            never propagated.
+        reduce_any: the stop collective, ``True`` on every rank if ``True`` on any
+            (``distributed.any_rank`` unless ``begin`` gets another).
+        keep_good_checkpoint: ask (``Decision.save_good``) for a checkpoint at every probe
+            while no rank has warned, so one checkpoint from before the trouble always exists.
+    """
+
+    def __init__(
+        self,
+        config: SpinalConfig,
+        probe_texts: Sequence[str] | None = None,
+        neutral_texts: Sequence[str] | None = None,
+        on_alert: AlertHook | None = None,
+        reduce_any: ReduceAny = distributed.any_rank,
+        keep_good_checkpoint: bool = False,
+    ) -> None:
+        self.config = config
+        self.keep_good_checkpoint = keep_good_checkpoint
+        self._trouble_anywhere = False
+        self.probe_texts = None if probe_texts is None else check_texts(probe_texts, "probe_texts")
+        self.neutral_texts = (
+            None if neutral_texts is None else check_texts(neutral_texts, "neutral_texts")
+        )
+        self.on_alert = on_alert
+        self.reduce_any = reduce_any
+        self.probe: SpinalProbe | None = None
+        self.reference_probe: SpinalProbe | None = None
+        self.outputs = Outputs(on_alert=on_alert)
+        self.history = TraceHistory()
+        self.reference: DepthTrace | None = None
+        self.monitor = RampMonitor(config)
+        self.drift: DriftMeter | None = None
+        self._drift_state: dict[str, Any] | None = None
+        self.alerts: list[Alert] = []
+        self.pending: dict[str, float] = {}
+        self.last_probe_step = -1
+        self.probes_run = 0
+        self.disabled = False
+        self.stop_requested: Alert | None = None
+        self.stopped = False
+        self.first_warning_step: int | None = None
+        self.checkpoints: list[tuple[int, str]] = []
+
+    @property
+    def traces(self) -> list[DepthTrace]:
+        """The traces of the current probe, restored ones included after a resume."""
+        return self.history.traces
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def setup(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        dataset: Any = None,
+        reference_model: nn.Module | None = None,
+    ) -> None:
+        """Build the probe (and the reference probe); raise ``ValueError`` on any bad input."""
+        batch = build_probe_batch(self.config, tokenizer, self.probe_texts, dataset)
+        neutral = None
+        if self.config.neutral_probe:
+            texts = self.neutral_texts or list(DEFAULT_NEUTRAL_TEXTS)
+            neutral = ProbeBatch.from_texts(tokenizer, texts, self.config.max_probe_length)
+        self.probe = SpinalProbe(model, batch, self.config, neutral)
+        if reference_model is not None:
+            self.reference_probe = SpinalProbe(reference_model, batch, self.config, neutral)
+        if self.config.drift_every is not None:
+            self.drift = DriftMeter(batch, self.config.seed + 2, self.config.autocast_dtype)
+            self.drift.load_state_dict(self._drift_state)
+
+    def begin(
+        self,
+        step: int,
+        outputs: Outputs,
+        directory: str | Path | None = None,
+        reduce_any: ReduceAny | None = None,
+    ) -> Decision:
+        """Train start: attach the sinks (the runner's ``on_alert`` becomes their hook), trim
+        what an interrupted run left after ``step`` (resume), and probe at step 0.
+
+        ``directory`` holds the trace history and the drift reference (one file per rank).
+        """
+        self._require_setup()
+        outputs.on_alert = self.on_alert
+        self.outputs = outputs
+        if reduce_any is not None:
+            self.reduce_any = reduce_any
+        if directory is not None:
+            suffix = "" if distributed.rank() == 0 else f".rank{distributed.rank()}"
+            if self.history.path is None:
+                self.history.path = Path(directory) / f"spinal_traces{suffix}.jsonl"
+            if self.drift is not None and self.drift.path is None:
+                self.drift.path = Path(directory) / f"spinal_drift_reference{suffix}.safetensors"
+        if step > 0:
+            outputs.trim_after(step)
+        if outputs.board is not None and self.drift is not None:
+            outputs.board.chart_drift()
+        if step == 0 and self.last_probe_step < 0:
+            self._probe(0)
+            return self._decide(0)
+        return CONTINUE
+
+    def step(self, step: int) -> Decision:
+        """After an optimizer step: probe when due (every ``every_n_steps``), then decide."""
+        if step == self.last_probe_step or step % self.config.every_n_steps != 0:
+            return CONTINUE
+        self._probe(step)
+        decision = self._decide(step)
+        if decision.stop or not self.keep_good_checkpoint or self._trouble_anywhere:
+            return decision
+        trouble = self.first_warning_step is not None or self.disabled
+        self._trouble_anywhere = self.reduce_any(trouble)
+        return CONTINUE if self._trouble_anywhere else Decision(save_good=True)
+
+    def logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
+        """The trainer's logged scalars (loss, DPO rewards): score them, then decide."""
+        alerts = self.monitor.update_logs(step, logs)
+        self.outputs.level(step, alerts)
+        for alert in alerts:
+            self._raise(alert)
+        if alerts:
+            self.outputs.flush()
+        return self._decide(step)
+
+    def saved(self, step: int, path: str) -> None:
+        """A checkpoint of the run was written at ``step`` to ``path``."""
+        self.checkpoints = [c for c in self.checkpoints if c[1] != path]
+        self.checkpoints = [*self.checkpoints, (int(step), str(path))][-CHECKPOINTS_KEPT:]
+
+    def end(self, step: int) -> None:
+        """Train end: a last probe if this step has none, the final heatmap, close the sinks.
+        No stop decision: training is over."""
+        if step != self.last_probe_step:
+            self._probe(step)
+        if self.history.traces:
+            self.outputs.heatmap(self.history.traces)
+        self.outputs.close()
+
+    def pop_scalars(self) -> dict[str, float]:
+        """Scalars of the probes not yet handed to the trainer's loggers."""
+        scalars, self.pending = self.pending, {}
+        return scalars
+
+    def last_good_checkpoint(self) -> tuple[int, str] | None:
+        """The last checkpoint saved before the first warning (any checkpoint if none)."""
+        limit = self.first_warning_step
+        good = [c for c in self.checkpoints if limit is None or c[0] < limit]
+        return good[-1] if good else None
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable and bounded: schedule position, reference, rules, history file,
+        drift reference file, checkpoints seen."""
+        return {
+            "version": STATE_VERSION,
+            "last_probe_step": self.last_probe_step,
+            "probes_run": self.probes_run,
+            "disabled": self.disabled,
+            "history": self.history.state_dict(),
+            "reference": self.reference.to_dict() if self.reference is not None else None,
+            "monitor": self.monitor.state_dict(),
+            "drift": self.drift.state_dict() if self.drift is not None else None,
+            "first_warning_step": self.first_warning_step,
+            "checkpoints": [list(c) for c in self.checkpoints],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (version 1 states, from before the trace history
+        moved to a file, load too)."""
+        version = int(state.get("version", 0))
+        if version > STATE_VERSION:
+            raise ValueError(
+                f"spinal-callback state version {version} is newer than {STATE_VERSION}; "
+                "upgrade spinal-callback to resume this checkpoint"
+            )
+        self.last_probe_step = int(state["last_probe_step"])
+        self.disabled = bool(state["disabled"])
+        self.history.load_state_dict(state["history"])
+        self.probes_run = int(state.get("probes_run", len(self.history)))
+        reference = state.get("reference")
+        self.reference = DepthTrace.from_dict(reference) if reference else None
+        self.monitor = RampMonitor(self.config)
+        if self.reference is not None:
+            self.monitor.set_reference(self.reference)
+        if "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
+        self._drift_state = state.get("drift", state.get("drift_reference"))
+        if self.drift is not None:
+            self.drift.load_state_dict(self._drift_state)
+        first = state.get("first_warning_step")
+        self.first_warning_step = None if first is None else int(first)
+        self.checkpoints = [(int(s), str(p)) for s, p in state.get("checkpoints", [])]
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _require_setup(self) -> SpinalProbe:
+        if self.probe is None:
+            raise RuntimeError("Runner.setup() must run before the training events")
+        return self.probe
+
+    def _probe(self, step: int) -> None:
+        """Probe (every rank), score against the reference, record and write."""
+        self.last_probe_step = step
+        drift_every = self.config.drift_every
+        drift_due = drift_every is not None and self.probes_run % drift_every == 0
+        self.probes_run += 1
+        trace = None if self.disabled else self._run_safely(step)
+        if trace is None:
+            return
+        self._baseline_for(trace, step)
+        self.history.append(trace)
+        alerts = self.monitor.update(trace)
+        self.pending.update(summary_scalars(trace, self.reference))
+        self.pending["spinal/alert_level"] = float(max((a.severity for a in alerts), default=0))
+        if drift_due:
+            self._record_drift(step)
+        self.outputs.trace(trace, self.reference, alerts)
+        for alert in alerts:
+            self._raise(alert)
+        if len(self.history) % self.config.image_every == 0:
+            self.outputs.heatmap(self.history.traces)
+        self.outputs.flush()
+
+    def _baseline_for(self, trace: DepthTrace, step: int) -> None:
+        """Trace the reference at the first probe; restart the baseline when the probe changed
+        (a halved batch after running out of memory, or other texts or layers on resume)."""
+        if self.reference is not None and trace.probe_fingerprint != (
+            self.reference.probe_fingerprint
+        ):
+            self.outputs.note(
+                step,
+                f"the probe changed at step {step} (fingerprint "
+                f"{self.reference.probe_fingerprint[:8]} -> {trace.probe_fingerprint[:8]}: other "
+                "texts, layers or batch size); the reference is traced again, the rules restart "
+                "and earlier traces leave the heatmap",
+            )
+            self.reference = None
+            self.monitor = RampMonitor(self.config)
+            self.history.restart()
+        if self.reference is None:
+            self.reference = self._reference_trace(step) or trace
+            self.monitor.set_reference(self.reference)
+            note = muted_neutral_rules_note(self.reference)
+            if note is not None:
+                self.outputs.note(step, note)
+
+    def _raise(self, alert: Alert) -> None:
+        """Record; note the first warning and a stop request; hand to the sinks."""
+        self.alerts.append(alert)
+        if alert.rule not in TOOL_RULES:
+            if alert.severity >= AlertLevel.WARNING and self.first_warning_step is None:
+                self.first_warning_step = alert.step
+            stop_on = self.config.stop_on
+            if (
+                stop_on is not None
+                and self.stop_requested is None
+                and alert.severity >= AlertLevel.parse(stop_on)
+            ):
+                self.stop_requested = alert
+        self.outputs.alert(alert)
+
+    def _decide(self, step: int) -> Decision:
+        """The stop collective (every rank, same events), only when ``stop_on`` is set."""
+        if self.config.stop_on is None or self.stopped:
+            return CONTINUE
+        if not self.reduce_any(self.stop_requested is not None):
+            return CONTINUE
+        self.stopped = True
+        message = self._stop_message(step)
+        cause = self.stop_requested
+        self.outputs.record(
+            Alert(
+                step=step,
+                level=cause.level if cause is not None else "critical",
+                rule=TRAINING_STOPPED,
+                metric="spinal/stop",
+                value=float("nan"),
+                threshold=float("nan"),
+                message=message,
+            )
+        )
+        logger.error("spinal-callback: %s", message)
+        self.outputs.flush()
+        return Decision(stop=True, message=message)
+
+    def _stop_message(self, step: int) -> str:
+        cause = self.stop_requested
+        why = (
+            f"{cause.level} {cause.rule} at step {cause.step}: {cause.message}"
+            if cause is not None
+            else "another rank's alert"
+        )
+        good = self.last_good_checkpoint()
+        if good is not None:
+            where = f"Resume from {good[1]} (step {good[0]}), the last checkpoint saved before "
+            where += (
+                f"the first warning (step {self.first_warning_step})."
+                if self.first_warning_step is not None
+                else "the stop."
+            )
+        elif self.first_warning_step is not None:
+            where = (
+                f"No checkpoint was saved before the first warning (step "
+                f"{self.first_warning_step}); save more often (or set stop_on='warning')."
+            )
+        else:
+            where = "No checkpoint was saved before the stop."
+        return (
+            f"training stopped at step {step} by {why}. A checkpoint is saved now; it holds the "
+            f"weights the alert saw. {where}"
+        )
+
+    def _reference_trace(self, step: int) -> DepthTrace | None:
+        """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""
+        probe = self._require_setup()
+        with _failures_logged("reference probe", "the first trace is the baseline"):
+            if self.reference_probe is not None:
+                return self.reference_probe.run(step)
+            peft_model = peft_model_in(probe.model)
+            if peft_model is not None:
+                with peft_model.disable_adapter():  # type: ignore[operator]
+                    return probe.run(step)
+        return None
+
+    def _record_drift(self, step: int) -> None:
+        """Measure every block's drift; hand it to the loggers and write it."""
+        probe, drift = self._require_setup(), self.drift
+        assert drift is not None
+        with _failures_logged("drift measurement", "this probe has no drift"):
+            measured = drift.measure(probe.parts, self._reference_outputs)
+            scalars = drift_scalars(measured)
+            self.pending.update(scalars)
+            self.outputs.scalars(step, scalars)
+
+    def _reference_outputs(self) -> Tensor | None:
+        """The reference's block outputs for the drift: TRL's ``ref_model``, else the PEFT
+        policy with adapters off, else ``None`` (the policy is its own snapshot)."""
+        probe, drift = self._require_setup(), self.drift
+        assert drift is not None
+        if self.reference_probe is not None:
+            return drift.outputs_of(self.reference_probe.parts)
+        peft_model = peft_model_in(probe.model)
+        if peft_model is None:
+            return None
+        with peft_model.disable_adapter():  # type: ignore[operator]
+            return drift.outputs_of(probe.parts)
+
+    def _run_safely(self, step: int) -> DepthTrace | None:
+        """Run the probe. Out of memory: retry once with half the batch. Any other error, or a
+        second failure: log it with its traceback and stop probing; training goes on."""
+        probe = self._require_setup()
+        try:
+            return probe.run(step)
+        except Exception as error:  # the training run must outlive any probe failure
+            _release_cached_memory()
+            if not is_out_of_memory(error):
+                self._give_up(step, error, "")
+                return None
+            first_error = error
+        self._raise(
+            _probe_alert(
+                step, f"the probe ran out of memory ({first_error!r}); retrying with half the batch"
+            )
+        )
+        try:
+            halved = _halved(probe)
+            trace = halved.run(step)
+        except Exception as error:  # as above: never let the probe end training
+            _release_cached_memory()
+            self._give_up(step, error, " again, with half the batch")
+            return None
+        self.probe = halved
+        if self.reference_probe is not None:
+            self.reference_probe = _halved(self.reference_probe)
+        return trace
+
+    def _give_up(self, step: int, error: BaseException, when: str) -> None:
+        self.disabled = True
+        logger.error("spinal-callback: the probe failed%s at step %d", when, step, exc_info=error)
+        self._raise(
+            _probe_alert(
+                step,
+                f"the probe failed{when} ({error!r}); probing is off for this run and training "
+                "goes on (the traceback is in the log; please report it if the model is supported)",
+            )
+        )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocator failure (CUDA, MPS or host), the one error a smaller batch fixes."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _halved(probe: SpinalProbe) -> SpinalProbe:
+    neutral = probe.neutral_batch
+    return SpinalProbe(
+        probe.model, _half(probe.batch), probe.config, None if neutral is None else _half(neutral)
+    )
+
+
+def _half(batch: ProbeBatch) -> ProbeBatch:
+    rows = batch.input_ids.shape[0] // 2
+    if rows == 0:
+        raise ValueError("the probe batch has a single row and cannot be halved")
+    return ProbeBatch(batch.input_ids[:rows], batch.attention_mask[:rows])
+
+
+def _probe_alert(step: int, message: str) -> Alert:
+    return Alert(
+        step=step,
+        level="warning",
+        rule=PROBE_FAILED,
+        metric="spinal/probe",
+        value=float("nan"),
+        threshold=float("nan"),
+        message=message,
+    )
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def muted_neutral_rules_note(reference: DepthTrace) -> str | None:
+    """Why ``language_drift`` and ``trace_departure`` stay silent for this run, or ``None``.
+
+    They need a reference that predicts the neutral texts clearly better than chance; a
+    random-initialised model, or neutral texts in a language the model does not know, has no
+    language for them to watch.
+    """
+    neutral = reference.neutral
+    nll = None if neutral is None else neutral.next_token_nll
+    if nll is None or not math.isfinite(nll) or has_language(reference):
+        return None
+    assert neutral is not None
+    vocabulary = neutral.metadata.get("vocab_size")
+    chance = "unknown"
+    if isinstance(vocabulary, int) and vocabulary > 1:
+        chance = f"{math.log(vocabulary):.2f}"
+    return (
+        f"the reference predicts the neutral texts little better than chance (next-token NLL "
+        f"{nll:.2f} nats against ln V = {chance}); language_drift and "
+        "trace_departure are off for this run. Pass neutral_texts= in the model's language, or "
+        "expect only the log rules and non_finite on a random-initialised model"
+    )
+
+
+@contextlib.contextmanager
+def _failures_logged(what: str, consequence: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:  # a missing reference or drift must not end training
+        _release_cached_memory()
+        logger.exception("spinal-callback: the %s failed; %s", what, consequence)
+
+
+__all__ = [
+    "CONTINUE",
+    "Decision",
+    "Runner",
+    "build_probe_batch",
+    "is_out_of_memory",
+    "muted_neutral_rules_note",
+]
