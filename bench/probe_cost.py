@@ -1,30 +1,43 @@
-"""Cost of SpinalProbe.run() against a bare forward of the same probe batch, in one process.
+"""Cost and accuracy of SpinalProbe.run() against a bare forward of the same batch, in one process.
 
-Prints the median time and peak memory of (a) a bare forward, (b) the same forward with
-``output_hidden_states=True``, (c) ``SpinalProbe.run()``, and the ratios to (a); writes the
-numbers to ``bench/results/probe_cost.json``.
+For each preset it prints the median time and peak memory of (a) a bare forward, (b) the same
+forward with ``output_hidden_states=True``, (c) ``SpinalProbe.run()`` at the default config, and
+the ratios to (a); the probe's stages (forward to the last late block, spectra, logit lens, host
+copy); and the accuracy of the default probe's scores against the same scores computed on every
+valid token, in float64, on the same batch. Results go to ``bench/results/probe_cost.json``.
 
-    python bench/probe_cost.py                      # tiny Llama on the CPU
-    python bench/probe_cost.py --preset llama-1b    # Llama-3.2-1B-shaped, bf16, on CUDA
+    python -m bench.probe_cost                              # every CPU preset
+    python -m bench.probe_cost --preset smollm2-135m --tokens 64
+    python -m bench.probe_cost --model ~/.cache/spinal-callback/smollm2-135m-instruct
+    python -m bench.probe_cost --preset llama-3.2-1b --device cuda   # bf16, 8 x 256, 8 late blocks
 
-Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` above the model during the
-call; on the CPU (whose allocator keeps no peak statistic), the peak of the running sum of tensor
-allocations and frees recorded by ``torch.profiler`` during one call.
+Presets (random init, from configs): ``tiny`` (the tests' Llama, vocabulary 384, its probe
+texts), ``smollm2-135m``, ``qwen2.5-0.5b`` and ``llama-3.2-1b`` shapes, with 16 rows of
+``--tokens`` random token ids (48 by default; 8 x 256 for ``llama-3.2-1b`` on CUDA). ``--model``
+loads a checkpoint directory and probes the recipe's prompts with the default neutral texts.
+
+Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` above the model during the call;
+on the CPU, the peak of the running sum of tensor allocations and frees recorded by
+``torch.profiler`` during one call.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
+from spinal_callback.metrics import contraction_scores
 from spinal_callback.tiny import (
     DEFAULT_PROBE_TEXTS,
     build_tiny_model,
@@ -32,68 +45,106 @@ from spinal_callback.tiny import (
     llama_1b_config,
 )
 
-
-def tiny_setup(device: torch.device) -> tuple[torch.nn.Module, ProbeBatch, SpinalConfig]:
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model("llama", vocab_size=len(tokenizer)).to(device)
-    batch = ProbeBatch.from_texts(tokenizer, list(DEFAULT_PROBE_TEXTS))
-    return model, batch, SpinalConfig()
+TOKENS_PER_ROW = 48
+ROWS = 16
 
 
-def llama_1b_setup(device: torch.device) -> tuple[torch.nn.Module, ProbeBatch, SpinalConfig]:
-    config = llama_1b_config()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    batch: ProbeBatch
+    config: SpinalConfig
+    neutral: ProbeBatch | None = None
+
+
+def random_rows(rows: int, tokens: int, vocab: int) -> ProbeBatch:
     generator = torch.Generator().manual_seed(0)
-    token_ids = torch.randint(1000, 120000, (8, 256), generator=generator).tolist()
-    return model, ProbeBatch.from_token_ids(token_ids), SpinalConfig(late_layers=list(range(8, 16)))
+    ids = torch.randint(100, vocab - 1, (rows, tokens), generator=generator).tolist()
+    return ProbeBatch.from_token_ids(ids)
 
 
-PRESETS = {"tiny": tiny_setup, "llama-1b": llama_1b_setup}
+def tiny(device: torch.device, tokens: int) -> Setup:
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model("llama", vocab_size=len(tokenizer))
+    return Setup(model, ProbeBatch.from_texts(tokenizer, list(DEFAULT_PROBE_TEXTS)), SpinalConfig())
 
 
-def build_calls(
-    preset: str, device: torch.device
-) -> tuple[dict[str, Callable[[], object]], SpinalProbe]:
-    model, batch, config = PRESETS[preset](device)
-    probe = SpinalProbe(model, batch, config)
-    inputs = {
-        "input_ids": batch.input_ids.to(device),
-        "attention_mask": batch.attention_mask.to(device),
-        "use_cache": False,
-    }
-
-    def bare() -> object:
-        with torch.inference_mode():
-            return model(**inputs).logits
-
-    def with_hidden_states() -> object:
-        with torch.inference_mode():
-            return model(**inputs, output_hidden_states=True).hidden_states
-
-    calls = {
-        "a bare forward": bare,
-        "b output_hidden_states": with_hidden_states,
-        "c SpinalProbe.run": probe.run,
-    }
-    return calls, probe
+def smollm2(device: torch.device, tokens: int) -> Setup:
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    return Setup(LlamaForCausalLM(config), random_rows(ROWS, tokens, 49152), SpinalConfig())
 
 
-def median_seconds(
-    call: Callable[[], object], device: torch.device, warmup: int, repeats: int
-) -> float:
-    for _ in range(warmup):
-        call()
+def qwen(device: torch.device, tokens: int) -> Setup:
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    )
+    return Setup(Qwen2ForCausalLM(config), random_rows(ROWS, tokens, 151936), SpinalConfig())
+
+
+def llama_1b(device: torch.device, tokens: int) -> Setup:
+    model = LlamaForCausalLM(llama_1b_config())
+    if device.type == "cuda":
+        model = model.to(dtype=torch.bfloat16)
+        batch = random_rows(8, 256, 128256)
+    else:
+        batch = random_rows(ROWS, tokens, 128256)
+    return Setup(model, batch, SpinalConfig(late_layers=list(range(8, 16))))
+
+
+PRESETS: dict[str, Callable[[torch.device, int], Setup]] = {
+    "tiny": tiny,
+    "smollm2-135m": smollm2,
+    "qwen2.5-0.5b": qwen,
+    "llama-3.2-1b": llama_1b,
+}
+CPU_PRESETS = ("tiny", "smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b")
+
+
+def checkpoint(path: str, device: torch.device, tokens: int) -> Setup:
+    from spinal_callback.loading import load_local_model, load_local_tokenizer
+    from spinal_callback.preference_data import train_eval_split
+    from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
+
+    tokenizer = load_local_tokenizer(path)
+    model = load_local_model(path)
+    config = SpinalConfig()
+    prompts = list(train_eval_split(train_count=64, seed=0)[1]["prompt"][:32])  # as the recipe
+    batch = ProbeBatch.from_texts(tokenizer, prompts, config.max_probe_length)
+    neutral = ProbeBatch.from_texts(tokenizer, list(DEFAULT_NEUTRAL_TEXTS), config.max_probe_length)
+    return Setup(model, batch, config, neutral)
+
+
+def median_seconds(call: Callable[[], object], device: torch.device, repeats: int) -> float:
+    call()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def peak_memory_mib(call: Callable[[], object], device: torch.device) -> float:
@@ -104,11 +155,6 @@ def peak_memory_mib(call: Callable[[], object], device: torch.device) -> float:
         call()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-    return profiled_cpu_peak_mib(call)
-
-
-def profiled_cpu_peak_mib(call: Callable[[], object]) -> float:
-    """Peak of the running sum of CPU tensor allocations and frees, in call order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
@@ -121,60 +167,165 @@ def profiled_cpu_peak_mib(call: Callable[[], object]) -> float:
     return peak / 2**20
 
 
-def main() -> None:
+def stages(probe: SpinalProbe, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median milliseconds of the probe's stages, run one after the other as ``run`` does."""
+    held: dict[str, Any] = {}
+    group = probe.groups[0]
+
+    def forward() -> None:
+        with torch.no_grad():
+            held["hidden"] = probe._capture(device)
+
+    def spectra() -> None:
+        with torch.no_grad():
+            held["alpha"] = contraction_scores(
+                held["hidden"][0], dtype=getattr(torch, probe.config.spectrum_dtype)
+            )
+
+    def lens() -> None:
+        with torch.no_grad():
+            held["lens"] = probe._lens(held["hidden"][1], group.targets.to(device))
+
+    def host_copy() -> None:
+        torch.cat([held["alpha"][0].float(), held["lens"][0]]).cpu()
+
+    forward()
+    spectra()
+    lens()
+    names = {"forward to the last late block": forward, "spectra": spectra, "lens": lens}
+    names["host copy"] = host_copy
+    result = {name: median_seconds(call, device, repeats) * 1e3 for name, call in names.items()}
+    groups = len(probe.groups)
+    if groups > 1:
+        result["(spectra and lens run once per probe group)"] = float(groups)
+    return result
+
+
+def accuracy(setup: Setup, probe: SpinalProbe) -> dict[str, float]:
+    """How far the default probe's scores are from every valid token in float64."""
+    exact_model = copy.deepcopy(setup.model).to(dtype=torch.float64)
+    tokens = setup.batch.num_valid_tokens
+    exact_config = replace(
+        setup.config, spectrum_tokens=tokens, transport_tokens=tokens, spectrum_dtype="float64"
+    )
+    exact = SpinalProbe(exact_model, setup.batch, exact_config, setup.neutral).run()
+    default = probe.run()
+    pairs = [(default, exact)]
+    if default.neutral is not None and exact.neutral is not None:
+        pairs.append((default.neutral, exact.neutral))
+    transport_error = max(
+        float((d.transport.double() - e.transport.double()).abs().max()) for d, e in pairs
+    )
+    contraction_error = max(
+        float(
+            ((d.contraction.double() - e.contraction.double()) / e.contraction.double()).abs().max()
+        )
+        for d, e in pairs
+    )
+    return {
+        "transport_abs_error_max": transport_error,
+        "contraction_rel_error_max": contraction_error,
+        "valid_tokens": float(tokens),
+    }
+
+
+def measure(name: str, setup: Setup, device: torch.device, repeats: int) -> dict[str, Any]:
+    model = setup.model.to(device).eval()
+    probe = SpinalProbe(model, setup.batch, setup.config, setup.neutral)
+    inputs = {
+        "input_ids": setup.batch.input_ids.to(device),
+        "attention_mask": setup.batch.attention_mask.to(device),
+        "use_cache": False,
+    }
+
+    def bare() -> object:
+        with torch.inference_mode():
+            return model(**inputs).logits
+
+    def hidden_states() -> object:
+        with torch.inference_mode():
+            return model(**inputs, output_hidden_states=True).hidden_states
+
+    calls = {"bare forward": bare, "output_hidden_states": hidden_states, "probe": probe.run}
+    rows = {
+        call_name: {
+            "median_ms": median_seconds(call, device, repeats) * 1e3,
+            "peak_mib": peak_memory_mib(call, device),
+        }
+        for call_name, call in calls.items()
+    }
+    for row in rows.values():
+        row["time_ratio"] = row["median_ms"] / rows["bare forward"]["median_ms"]
+        row["memory_ratio"] = row["peak_mib"] / max(rows["bare forward"]["peak_mib"], 1e-9)
+    record = {
+        "preset": name,
+        "probe_shape": list(setup.batch.input_ids.shape),
+        "neutral_shape": None if setup.neutral is None else list(setup.neutral.input_ids.shape),
+        "late_layers": probe.layers,
+        "vocab": probe.vocab_size,
+        "calls": rows,
+        "stages_ms": stages(probe, device, repeats),
+    }
+    if device.type == "cpu":
+        setup.model = model
+        record["accuracy"] = accuracy(setup, probe)
+    return record
+
+
+def print_record(record: dict[str, Any]) -> None:
+    print(
+        f"\n{record['preset']}: probe {record['probe_shape']} (neutral "
+        f"{record['neutral_shape']}), late blocks {record['late_layers']}, vocab {record['vocab']}"
+    )
+    print(f"{'':24}{'median ms':>11}{'x bare':>8}{'peak MiB':>10}{'x bare':>8}")
+    for name, row in record["calls"].items():
+        print(
+            f"{name:24}{row['median_ms']:11.1f}{row['time_ratio']:8.2f}"
+            f"{row['peak_mib']:10.1f}{row['memory_ratio']:8.2f}"
+        )
+    print("  stages: " + ", ".join(f"{k} {v:.1f} ms" for k, v in record["stages_ms"].items()))
+    if "accuracy" in record:
+        accuracy = record["accuracy"]
+        print(
+            f"  accuracy vs every valid token in float64: transport max |error| "
+            f"{accuracy['transport_abs_error_max']:.4f}, contraction max relative error "
+            f"{accuracy['contraction_rel_error_max']:.2%}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--preset", choices=sorted(PRESETS), action="append")
+    parser.add_argument("--model", help="a checkpoint directory (from_pretrained)")
+    parser.add_argument("--tokens", type=int, default=TOKENS_PER_ROW, help="tokens per probe row")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="bench/results/probe_cost.json")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
-    # A tiny model gains nothing from more threads, and an oversubscribed OpenMP pool on a busy
-    # machine was seen to run 100x slower, swamping the ratios.
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    calls, probe = build_calls(args.preset, device)
-    results = {}
-    for name, call in calls.items():
-        results[name] = {
-            "median_ms": median_seconds(call, device, args.warmup, args.repeats) * 1e3,
-            "peak_mib": peak_memory_mib(call, device),
-        }
-    bare = results["a bare forward"]
-    for result in results.values():
-        result["time_ratio"] = result["median_ms"] / bare["median_ms"]
-        result["memory_ratio"] = (
-            result["peak_mib"] / bare["peak_mib"] if bare["peak_mib"] > 0 else float("nan")
-        )
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"probe cost: preset {args.preset}, {device_name}, "
-        f"probe {tuple(probe.batch.input_ids.shape)}, "
-        f"late band {probe.layers}, torch {torch.__version__}"
-    )
-    print(f"{'':26}{'median ms':>11}{'x bare':>8}{'peak MiB':>10}{'x bare':>8}")
-    for name, result in results.items():
-        print(
-            f"{name:26}{result['median_ms']:11.2f}{result['time_ratio']:8.2f}"
-            f"{result['peak_mib']:10.1f}{result['memory_ratio']:8.2f}"
-        )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"probe cost on {where}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    records = []
+    presets = [] if args.model and not args.preset else (args.preset or list(CPU_PRESETS))
+    for name in presets:
+        torch.manual_seed(0)
+        records.append(measure(name, PRESETS[name](device, args.tokens), device, args.repeats))
+        print_record(records[-1])
+    if args.model:
+        setup = checkpoint(args.model, device, args.tokens)
+        records.append(measure(Path(args.model).name, setup, device, args.repeats))
+        print_record(records[-1])
     output = Path(args.out)
     output.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "preset": args.preset,
-        "device": device_name,
-        "torch": torch.__version__,
-        "results": results,
-    }
-    output.write_text(json.dumps(record, indent=2))
-    print(f"written to {output}")
+    output.write_text(json.dumps({"device": where, "records": records}, indent=2))
+    print(f"\nwritten to {output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

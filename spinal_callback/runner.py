@@ -238,9 +238,10 @@ class Runner:
         self.checkpoints = [*self.checkpoints, (int(step), str(path))][-CHECKPOINTS_KEPT:]
 
     def end(self, step: int) -> None:
-        """Train end: a last probe if this step has none, the final heatmap, close the sinks.
-        No stop decision: training is over."""
-        if step != self.last_probe_step:
+        """Train end: a last probe if this step has none (and the run was not stopped: the
+        stop's own step is the last that matters), the final heatmap, close the sinks. No stop
+        decision: training is over."""
+        if step != self.last_probe_step and not self.stopped:
             self._probe(step)
         if self.history.traces:
             self.outputs.heatmap(self.history.traces)
