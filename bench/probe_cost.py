@@ -1,10 +1,12 @@
 """Cost and accuracy of SpinalProbe.run() against a bare forward of the same batch, in one process.
 
-For each preset it prints the median time and peak memory of (a) a bare forward, (b) the same
-forward with ``output_hidden_states=True``, (c) ``SpinalProbe.run()`` at the default config, and
-the ratios to (a); the probe's stages (forward to the last late block, spectra, logit lens, host
-copy); and the accuracy of the default probe's scores against the same scores computed on every
-valid token, in float64, on the same batch. Results go to ``bench/results/probe_cost.json``.
+For each preset it prints the median time and peak memory of (a) a bare forward of the probe's
+texts (one forward per group: the task prompts, and the neutral texts when the probe has them),
+(b) the same with ``output_hidden_states=True``, (c) ``SpinalProbe.run()`` at the default
+config, and the ratios to (a); the probe's stages (forward to the last late block, spectra,
+logit lens, host copy); and the accuracy of the default probe's scores against the same scores
+computed on every valid token, in float64, on the same batch. Results go to
+``bench/results/probe_cost.json``.
 
     python -m bench.probe_cost                              # every CPU preset
     python -m bench.probe_cost --preset smollm2-135m --tokens 64
@@ -202,9 +204,11 @@ def stages(probe: SpinalProbe, device: torch.device, repeats: int) -> dict[str, 
 
 
 def accuracy(setup: Setup, probe: SpinalProbe) -> dict[str, float]:
-    """How far the default probe's scores are from every valid token in float64."""
+    """How far the default probe's scores are from every valid token (of each probe group) with
+    the model and the spectra in float64."""
     exact_model = copy.deepcopy(setup.model).to(dtype=torch.float64)
-    tokens = setup.batch.num_valid_tokens
+    groups = [setup.batch] if setup.neutral is None else [setup.batch, setup.neutral]
+    tokens = max(batch.num_valid_tokens for batch in groups)
     exact_config = replace(
         setup.config, spectrum_tokens=tokens, transport_tokens=tokens, spectrum_dtype="float64"
     )
@@ -238,13 +242,24 @@ def measure(name: str, setup: Setup, device: torch.device, repeats: int) -> dict
         "use_cache": False,
     }
 
+    texts = [inputs]
+    if setup.neutral is not None:
+        texts.append(
+            {
+                "input_ids": setup.neutral.input_ids.to(device),
+                "attention_mask": setup.neutral.attention_mask.to(device),
+                "use_cache": False,
+            }
+        )
+
     def bare() -> object:
+        """One plain forward of each probe group (task prompts, neutral texts)."""
         with torch.inference_mode():
-            return model(**inputs).logits
+            return [model(**group).logits for group in texts]
 
     def hidden_states() -> object:
         with torch.inference_mode():
-            return model(**inputs, output_hidden_states=True).hidden_states
+            return [model(**group, output_hidden_states=True).hidden_states for group in texts]
 
     calls = {"bare forward": bare, "output_hidden_states": hidden_states, "probe": probe.run}
     rows = {
