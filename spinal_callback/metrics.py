@@ -207,6 +207,33 @@ def _jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
     return divergence.clamp(0.0, 1.0)
 
 
+def transport_from_roots(root_p: Tensor, root_q: Tensor, measure: str = "hellinger") -> Tensor:
+    """``per_token_transport`` from square-root probabilities ``sqrt(p)``, ``sqrt(q)`` ``[..., V]``
+    float32, computed once and shared by every layer pair ("hellinger" and "fisher_rao" only).
+
+    Returns:
+        ``[...]`` float32 distances in [0, 1], equal to ``per_token_transport`` on ``log p``,
+        ``log q`` up to float32 rounding.
+    """
+    gap = root_p - root_q
+    hellinger = torch.sqrt((0.5 * torch.linalg.vecdot(gap, gap)).clamp(0.0, 1.0))
+    if measure == "hellinger":
+        return hellinger
+    if measure == "fisher_rao":
+        return (4.0 / math.pi) * torch.asin((hellinger / math.sqrt(2.0)).clamp(0.0, 1.0))
+    raise ValueError(f"transport_from_roots supports 'hellinger' and 'fisher_rao', got {measure!r}")
+
+
+def entropy_from_probabilities(p: Tensor, log_p: Tensor) -> Tensor:
+    """``token_entropy`` when ``p = exp(log_p)`` is already at hand (``[..., V]`` float32):
+    one fused dot product; the masked form only where a zero-mass entry (``log p = -inf``) makes
+    ``0 * -inf`` undefined."""
+    entropy = -torch.linalg.vecdot(p, log_p)
+    if bool(torch.isfinite(entropy).all()):
+        return entropy
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+
+
 def token_entropy(log_p: Tensor) -> Tensor:
     """Entropy in nats of ``[..., V]`` log-probabilities; returns ``[...]`` float32."""
     p = torch.exp(log_p)

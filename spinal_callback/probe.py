@@ -28,16 +28,22 @@ from spinal_callback.config import SpinalConfig
 from spinal_callback.metrics import (
     RAMP_SUMMARY_NAMES,
     contraction_scores,
+    entropy_from_probabilities,
     per_token_transport,
     ramp_summaries,
     tail_band,
     token_entropy,
+    transport_from_roots,
 )
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
 from spinal_callback.trace import DepthTrace
 
 __all__ = ["MIN_LATE_BAND", "ProbeBatch", "SpinalProbe", "late_band"]
+
+MAX_PADDING_WASTE = 0.25
+"""Padding, as a share of the groups' own positions, above which the groups (task prompts,
+neutral texts) run as separate forwards instead of one stacked forward."""
 
 MIN_LATE_BAND = 4
 GROUP_NAMES = ("task", "neutral")
@@ -50,6 +56,8 @@ class _Group:
     Attributes:
         batch: the group's own batch (its subsamples depend on it alone).
         spectrum_index, transport_index: int64 flat indices into the stacked ``[b * t]``.
+        own_spectrum_index, own_transport_index: the same tokens as flat indices into the
+            group's own ``[b * t]`` (when the groups run as separate forwards).
         targets: int64 ``[n_transport]``, the real next token of each transport token, -1 at
             the end of a row.
     """
@@ -58,6 +66,8 @@ class _Group:
     spectrum_index: Tensor
     transport_index: Tensor
     targets: Tensor
+    own_spectrum_index: Tensor
+    own_transport_index: Tensor
 
     @property
     def has_targets(self) -> bool:
@@ -122,7 +132,7 @@ class SpinalProbe:
         self.spectrum_index = self.groups[0].spectrum_index
         self.transport_index = self.groups[0].transport_index
         self._check_spectrum_rank()
-        self._device_inputs: dict[torch.device, dict[str, Tensor]] = {}
+        self._device_inputs: dict[torch.device, list[dict[str, Tensor]]] = {}
         self.vocab_size: int | None = None
         """The lens's vocabulary size, known after the first run (the perplexity rule's scale)."""
         self.probe_fingerprint = self._probe_fingerprint()
@@ -194,10 +204,17 @@ class SpinalProbe:
         )
 
     def _capture(self, device: torch.device) -> list[Tensor]:
-        """Forward with hooks on the late blocks; per group ``[L, n_s, d]`` and ``[L, n_t, d]``."""
-        inputs = self._inputs_on(device)
-        rows = [inputs.pop(f"index{i}") for i in range(2 * len(self.groups))]
-        return capture_block_outputs(self.parts, inputs, self.layers, rows)
+        """Forward with hooks on the late blocks; per group ``[L, n_s, d]`` and ``[L, n_t, d]``.
+
+        One stacked forward, unless padding the groups to one length would cost more than
+        ``MAX_PADDING_WASTE`` of their own tokens: then one forward per group.
+        """
+        captured: list[Tensor] = []
+        for inputs in self._inputs_on(device):
+            count = sum(1 for key in inputs if key.startswith("index"))
+            rows = [inputs.pop(f"index{i}") for i in range(count)]
+            captured += capture_block_outputs(self.parts, inputs, self.layers, rows)
+        return captured
 
     def _scores(
         self, spectrum_hidden: Tensor, transport_hidden: Tensor, group: _Group
@@ -244,9 +261,18 @@ class SpinalProbe:
         for start in range(0, tokens, chunk):
             logits = self.parts.lens_logits(hidden[:, start : start + chunk])
             log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            adjacent += per_token_transport(log_p[:-1], log_p[1:], measure).sum(dim=-1)
-            end_to_end += per_token_transport(log_p[0], log_p[-1], measure).sum()
-            entropy += token_entropy(log_p).sum(dim=-1)
+            del logits
+            if measure == "js":
+                adjacent += per_token_transport(log_p[:-1], log_p[1:], measure).sum(dim=-1)
+                end_to_end += per_token_transport(log_p[0], log_p[-1], measure).sum()
+                entropy += token_entropy(log_p).sum(dim=-1)
+            else:
+                # sqrt(p) once for every layer; then p in place for the entropy.
+                root = torch.exp(0.5 * log_p)
+                adjacent += transport_from_roots(root[:-1], root[1:], measure).sum(dim=-1)
+                end_to_end += transport_from_roots(root[0], root[-1], measure).sum()
+                entropy += entropy_from_probabilities(root.square_(), log_p).sum(dim=-1)
+                del root
             chunk_targets = targets[start : start + chunk]
             picked = log_p[-1].gather(-1, chunk_targets.clamp_min(0)[:, None]).squeeze(-1)
             nll -= torch.where(chunk_targets >= 0, picked, torch.zeros_like(picked)).sum()
@@ -266,19 +292,39 @@ class SpinalProbe:
                     spectrum_index=batch.flat_index_in(spectrum, length, offset),
                     transport_index=batch.flat_index_in(transport, length, offset),
                     targets=batch.next_tokens(transport),
+                    own_spectrum_index=spectrum,
+                    own_transport_index=transport,
                 )
             )
             offset += int(batch.input_ids.shape[0])
         return groups
 
-    def _inputs_on(self, device: torch.device) -> dict[str, Tensor]:
+    def _separate_forwards(self) -> bool:
+        """Whether the stacked batch pads more than ``MAX_PADDING_WASTE`` of the groups' own
+        positions (e.g. short task prompts stacked with longer neutral texts)."""
+        own = sum(g.batch.input_ids.numel() for g in self.groups)
+        return self.stacked.input_ids.numel() > (1.0 + MAX_PADDING_WASTE) * own
+
+    def _inputs_on(self, device: torch.device) -> list[dict[str, Tensor]]:
+        """The forward inputs (with the token indices as ``index{k}``), one dict per forward."""
         if device not in self._device_inputs:
-            inputs = forward_inputs(self.parts, self.stacked)
-            for i, group in enumerate(self.groups):
-                inputs[f"index{2 * i}"] = group.spectrum_index
-                inputs[f"index{2 * i + 1}"] = group.transport_index
-            self._device_inputs[device] = {k: v.to(device) for k, v in inputs.items()}
-        return dict(self._device_inputs[device])
+            if self._separate_forwards():
+                forwards = []
+                for group in self.groups:
+                    inputs = forward_inputs(self.parts, group.batch)
+                    inputs["index0"] = group.own_spectrum_index
+                    inputs["index1"] = group.own_transport_index
+                    forwards.append(inputs)
+            else:
+                inputs = forward_inputs(self.parts, self.stacked)
+                for i, group in enumerate(self.groups):
+                    inputs[f"index{2 * i}"] = group.spectrum_index
+                    inputs[f"index{2 * i + 1}"] = group.transport_index
+                forwards = [inputs]
+            self._device_inputs[device] = [
+                {k: v.to(device) for k, v in inputs.items()} for inputs in forwards
+            ]
+        return [dict(inputs) for inputs in self._device_inputs[device]]
 
     def _check_context_length(self) -> None:
         config = getattr(self.parts.model, "config", None)

@@ -11,10 +11,13 @@ from spinal_callback.metrics import (
     ContractionStatus,
     contraction_score,
     contraction_scores,
+    entropy_from_probabilities,
     ols_slope,
     per_token_transport,
     ramp_summaries,
     tail_band,
+    token_entropy,
+    transport_from_roots,
     transport_score,
 )
 
@@ -246,3 +249,31 @@ def test_contraction_of_non_finite_activations_is_nan_without_raising() -> None:
     layers[1, 3, 4] = float("inf")
     alpha, _ = contraction_scores(layers)
     assert torch.isfinite(alpha[0]) and torch.isnan(alpha[1])
+
+
+@pytest.mark.parametrize("measure", ["hellinger", "fisher_rao"])
+def test_transport_from_roots_equals_the_transport_of_log_probabilities(measure: str) -> None:
+    logits = torch.randn(3, 5, 50) * 4
+    logits[0, 0, :10] = -math.inf  # zero-mass entries
+    log_p = torch.log_softmax(logits, dim=-1)
+    root = torch.exp(0.5 * log_p)
+    torch.testing.assert_close(
+        transport_from_roots(root[:-1], root[1:], measure),
+        per_token_transport(log_p[:-1], log_p[1:], measure),
+    )
+
+
+def test_transport_from_roots_of_identical_distributions_is_exactly_zero() -> None:
+    root = torch.exp(0.5 * torch.log_softmax(torch.randn(4, 30), dim=-1))
+    assert torch.equal(transport_from_roots(root, root.clone()), torch.zeros(4))
+
+
+def test_entropy_from_probabilities_equals_token_entropy_with_and_without_zero_mass() -> None:
+    logits = torch.randn(2, 6, 40)
+    log_p = torch.log_softmax(logits, dim=-1)
+    torch.testing.assert_close(entropy_from_probabilities(log_p.exp(), log_p), token_entropy(log_p))
+    logits[1, 2, :5] = -math.inf
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = entropy_from_probabilities(log_p.exp(), log_p)
+    assert torch.isfinite(entropy).all()
+    torch.testing.assert_close(entropy, token_entropy(log_p))

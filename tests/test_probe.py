@@ -384,3 +384,26 @@ def test_lens_entropy_is_per_layer_and_its_last_entry_is_the_summary(
     assert trace.lens_entropy is not None and trace.lens_entropy.shape == (4,)
     assert trace.lens_entropy[-1].item() == pytest.approx(trace.summary["lens_entropy"])
     assert bool((trace.lens_entropy > 0).all())
+
+
+def test_groups_of_very_different_lengths_run_as_separate_forwards_with_the_same_scores(
+    llama: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    short = ProbeBatch.from_texts(tokenizer, [" ".join(text.split()[:3]) for text in probe_texts])
+    long = ProbeBatch.from_texts(tokenizer, [" ".join([text] * 4) for text in probe_texts])
+    separate = SpinalProbe(llama, short, SpinalConfig(), long)
+    forwards: list[int] = []
+    hook = llama.model.layers[0].register_forward_pre_hook(lambda *a: forwards.append(1))
+    trace = separate.run()
+    assert len(forwards) == 2
+    monkeypatch.setattr("spinal_callback.probe.MAX_PADDING_WASTE", 1e9)
+    stacked = SpinalProbe(llama, short, SpinalConfig(), long).run()
+    hook.remove()
+    assert len(forwards) == 3
+    assert trace.neutral is not None and stacked.neutral is not None
+    for ours, theirs in ((trace, stacked), (trace.neutral, stacked.neutral)):
+        torch.testing.assert_close(ours.contraction, theirs.contraction, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.transport, theirs.transport, rtol=1e-4, atol=1e-4)
