@@ -5,6 +5,8 @@ and with the callback, several times, and reports the median steps/s and the pea
 
     python bench/overhead.py                     # CPU, tiny model
     python bench/overhead.py --preset llama-1b   # CUDA, Llama-3.2-1B-shaped, bf16
+    python -m bench.overhead --model DIR --steps 100 --batch-size 4 --repeats 1 --warmup 0
+                                                 # a real checkpoint (its own tokenizer)
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run; on the CPU the peak
 resident set size sampled every 2 ms during the run (``/proc/self/statm``), above the level
@@ -87,7 +89,13 @@ class PeakResidentMemory:
         self.peak_mib = max(0, self._peak - self._start) / 2**20
 
 
-def build_models(preset: str, device: str, vocab_size: int) -> torch.nn.Module:
+def build_models(
+    preset: str, device: str, vocab_size: int, path: str | None = None
+) -> torch.nn.Module:
+    if path is not None:
+        from spinal_callback.loading import load_local_model
+
+        return load_local_model(path).to(device)
     if preset == "tiny":
         return build_tiny_model("llama", vocab_size=vocab_size, hidden=64, layers=8)
     from transformers import LlamaForCausalLM
@@ -101,7 +109,7 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
-    policy = build_models(args.preset, args.device, len(tokenizer))
+    policy = build_models(args.preset, args.device, len(tokenizer), args.model)
     reference = copy.deepcopy(policy)
     pairs = Dataset.from_list(make_preference_pairs(args.steps * args.batch_size, seed=0))
     callbacks = [TimedSpinalCallback()] if with_spinal else []
@@ -157,11 +165,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results/overhead.json")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--model", help="a checkpoint directory (from_pretrained) instead of a preset"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=320)
+    if args.model:
+        from spinal_callback.loading import load_local_tokenizer
+
+        tokenizer = load_local_tokenizer(args.model)
+        args.preset = Path(args.model).name
+    else:
+        tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=320)
     runs: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
-    one_run(args, tokenizer, with_spinal=True)  # warm-up: imports, allocator, first compile paths
+    for _ in range(args.warmup):  # imports, allocator, first compile paths
+        one_run(args, tokenizer, with_spinal=True)
     for _ in range(args.repeats):
         for label in ("without", "with"):
             runs[label].append(one_run(args, tokenizer, with_spinal=label == "with"))

@@ -407,3 +407,39 @@ def test_groups_of_very_different_lengths_run_as_separate_forwards_with_the_same
     for ours, theirs in ((trace, stacked), (trace.neutral, stacked.neutral)):
         torch.testing.assert_close(ours.contraction, theirs.contraction, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours.transport, theirs.transport, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("joined", [1, 3])
+def test_the_default_probe_is_within_its_stated_accuracy_of_every_token_in_float64(
+    llama: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+    joined: int,
+) -> None:
+    """Transport within 0.01 and contraction within 2% of the same scores over every valid token,
+    with the model and the spectra in float64 (the accuracy ``bench/probe_cost.py`` reports).
+    620 valid tokens subsample the lens; 1860 (texts joined by threes) subsample both."""
+    import copy
+    from dataclasses import replace
+
+    texts = [
+        " ".join(probe_texts[(i + k) % len(probe_texts)] for k in range(joined))
+        for i in range(len(probe_texts))
+    ]
+    probe_batch = ProbeBatch.from_texts(tokenizer, texts)
+    assert probe_batch.num_valid_tokens > SpinalConfig().transport_tokens
+
+    default = SpinalProbe(llama, probe_batch, SpinalConfig()).run()
+    tokens = probe_batch.num_valid_tokens
+    exact_config = replace(
+        SpinalConfig(), spectrum_tokens=tokens, transport_tokens=tokens, spectrum_dtype="float64"
+    )
+    exact = SpinalProbe(copy.deepcopy(llama).double(), probe_batch, exact_config).run()
+    transport_error = (default.transport.double() - exact.transport.double()).abs().max()
+    contraction_error = (
+        ((default.contraction.double() - exact.contraction.double()) / exact.contraction.double())
+        .abs()
+        .max()
+    )
+    assert float(transport_error) <= 0.01
+    assert float(contraction_error) <= 0.02
