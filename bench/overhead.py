@@ -112,14 +112,15 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     policy = build_models(args.preset, args.device, len(tokenizer), args.model)
     reference = copy.deepcopy(policy)
     pairs = Dataset.from_list(make_preference_pairs(args.steps * args.batch_size, seed=0))
-    callbacks = [TimedSpinalCallback()] if with_spinal else []
+    # Never stop: both runs must take the same steps for steps/s to compare.
+    callbacks = [TimedSpinalCallback(stop_on=None)] if with_spinal else []
     TimedSpinalCallback.seconds = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
             output_dir=output_dir,
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
-            learning_rate=5e-4,
+            learning_rate=args.learning_rate,
             logging_steps=25,
             save_strategy="no",
             report_to=[],
@@ -142,12 +143,13 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
             started = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - started
+        steps = trainer.state.global_step
         peak = (
             torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else memory.peak_mib
         )
     probes = len(callbacks[0].traces) if callbacks else 0
     return {
-        "steps_per_second": args.steps / seconds,
+        "steps_per_second": steps / seconds,
         "peak_mib": peak,
         "probes": probes,
         "callback_share": TimedSpinalCallback.seconds / seconds if callbacks else 0.0,
@@ -169,8 +171,16 @@ def main() -> None:
         "--model", help="a checkpoint directory (from_pretrained) instead of a preset"
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="default 5e-4 for the random-initialised presets, 3e-5 for --model (healthy)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.learning_rate is None:
+        args.learning_rate = 3e-5 if args.model else 5e-4
     if args.model:
         from spinal_callback.loading import load_local_tokenizer
 
