@@ -197,6 +197,7 @@ class TraceBoard:
         self._purge_step: int | None = None
         self._layout_written = False
         self._drift_chart = False
+        self._texts: dict[str, tuple[int, list[str]]] = {}
 
     @property
     def log_dir(self) -> str:
@@ -239,7 +240,7 @@ class TraceBoard:
         if reference is not None:
             scalars.update(health_scalars(trace, reference))
             scalars.update(trace_scalars(reference, REFERENCE_PREFIX))
-        notes = "\n\n".join(trace.notes)
+        notes = self._text_at(f"{PREFIX}/notes", trace.step, trace.notes)
 
         def write(writer: Any) -> None:
             if not self._layout_written:
@@ -247,7 +248,7 @@ class TraceBoard:
                 self._layout_written = True
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, trace.step)
-            if notes:
+            if trace.notes:
                 writer.add_text(f"{PREFIX}/notes", notes, trace.step)
 
         self._write(f"writing the trace of step {trace.step}", write)
@@ -270,19 +271,30 @@ class TraceBoard:
         )
 
     def write_note(self, step: int, text: str) -> None:
-        """One note in the ``spinal/notes`` text tab at ``step``."""
+        """One note in the ``spinal/notes`` text tab at ``step`` (with the step's other notes)."""
+        joined = self._text_at(f"{PREFIX}/notes", step, [text])
         self._write(
             f"writing a note at step {step}",
-            lambda writer: writer.add_text(f"{PREFIX}/notes", text, step),
+            lambda writer: writer.add_text(f"{PREFIX}/notes", joined, step),
         )
 
     def write_alert_text(self, alert: Alert) -> None:
-        """One ``spinal/alerts`` text entry."""
+        """One ``spinal/alerts`` text entry, shown with the step's other alerts."""
         text = f"**{alert.level}** `{alert.rule}` on `{alert.metric}`: {alert.message}"
+        joined = self._text_at(f"{PREFIX}/alerts", alert.step, [text])
         self._write(
             f"writing an alert of step {alert.step}",
-            lambda writer: writer.add_text(f"{PREFIX}/alerts", text, alert.step),
+            lambda writer: writer.add_text(f"{PREFIX}/alerts", joined, alert.step),
         )
+
+    def _text_at(self, tag: str, step: int, texts: Sequence[str]) -> str:
+        """Everything written to ``tag`` at ``step`` so far, ``texts`` included: TensorBoard's
+        text tab shows one entry per tag and step, the last one written, so each write repeats
+        the step's earlier entries (only the latest step of each tag is kept)."""
+        held_step, held = self._texts.get(tag, (step, []))
+        held = [*(held if held_step == step else []), *texts]
+        self._texts[tag] = (step, held)
+        return "\n\n".join(held)
 
     def write_heatmap(self, history: Sequence[DepthTrace]) -> None:
         """Image ``spinal/depth_trace``: both scores as layer x probe-step heatmaps of at most

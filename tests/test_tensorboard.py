@@ -644,3 +644,30 @@ def test_a_heatmap_shows_only_traces_with_the_last_traces_layers() -> None:
     columns, labels = heatmap_columns(history)
     assert columns == 2
     assert labels == ["2", "3"]
+
+
+def test_every_alert_of_a_step_shows_in_the_text_tab_not_only_the_last(tmp_path: Path) -> None:
+    """The text tab shows one entry per tag and step: the last written. A stop record written
+    after the alert that caused it, and the logs' alert after that, must not hide either."""
+    board = TraceBoard.open(str(tmp_path))
+
+    def alert(rule: str, message: str, step: int = 6) -> Alert:
+        nan = float("nan")
+        return Alert(step, "critical", rule, "spinal/x", nan, nan, message)
+
+    board.write_alert_text(alert("non_finite", "trace overflowed", step=4))
+    for rule, message in [
+        ("non_finite", "trace overflowed"),
+        ("training_stopped", "training stopped at step 6"),
+        ("non_finite", "logs overflowed"),
+    ]:
+        board.write_alert_text(alert(rule, message))
+    board.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    shown = {
+        e.step: e.tensor_proto.string_val[0].decode()
+        for e in events.Tensors("spinal/alerts/text_summary")
+    }
+    assert "trace overflowed" in shown[6] and "training stopped at step 6" in shown[6]
+    assert "logs overflowed" in shown[6] and shown[4].count("overflowed") == 1
