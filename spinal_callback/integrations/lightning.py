@@ -148,7 +148,7 @@ class SpinalCallback(pl.Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
-        self._note_checkpoints(trainer, step)
+        self._note_checkpoints(trainer)
         decision = self.runner.step(step)
         self._forward_scalars(trainer, step)
         self._act(decision, trainer, step)
@@ -203,10 +203,13 @@ class SpinalCallback(pl.Callback):
                 if not isinstance(logger, TensorBoardLogger):
                     logger.log_metrics(scalars, step=step)
 
-    def _note_checkpoints(self, trainer: pl.Trainer, step: int) -> None:
+    def _note_checkpoints(self, trainer: pl.Trainer) -> None:
         """Tell the runner about checkpoint files the trainer's ``ModelCheckpoint``s wrote, at
-        the step they were saved (``on_save_checkpoint`` noted it)."""
-        step = self._saving_step if self._saving_step is not None else step
+        the step they were saved (``on_save_checkpoint`` noted it). Nothing to look at, and no
+        file to stat, on the steps without a save."""
+        if self._saving_step is None:
+            return
+        step, self._saving_step = self._saving_step, None
         for callback in trainer.checkpoint_callbacks:
             paths = [
                 getattr(callback, "last_model_path", ""),
