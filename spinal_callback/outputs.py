@@ -129,9 +129,14 @@ class Outputs:
         if self.board is not None:
             self.board.write_note(step, text)
 
-    def heatmap(self, history: Sequence[DepthTrace]) -> None:
+    def heatmap(
+        self,
+        history: Sequence[DepthTrace],
+        reference: DepthTrace | None = None,
+        alerts: Sequence[Alert] = (),
+    ) -> None:
         if self.board is not None:
-            self.board.write_heatmap(history)
+            self.board.write_heatmap(history, reference, alerts)
 
     def flush(self) -> None:
         if self.board is not None:

@@ -244,7 +244,7 @@ class Runner:
         if step != self.last_probe_step and not self.stopped:
             self._probe(step)
         if self.history.traces:
-            self.outputs.heatmap(self.history.traces)
+            self.outputs.heatmap(self.history.traces, self.reference, self.alerts)
         self.outputs.close()
 
     def pop_scalars(self) -> dict[str, float]:
@@ -330,7 +330,7 @@ class Runner:
         for alert in alerts:
             self._raise(alert)
         if len(self.history) % self.config.image_every == 0:
-            self.outputs.heatmap(self.history.traces)
+            self.outputs.heatmap(self.history.traces, self.reference, self.alerts)
         self.outputs.flush()
 
     def _baseline_for(self, trace: DepthTrace, step: int) -> None:

@@ -24,19 +24,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from itertools import pairwise
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from spinal_callback.events import Alert
+from spinal_callback.heatmap import depth_trace_figure, figure_pixels
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.rules.departure import departure
 from spinal_callback.rules.language import perplexity_ratio
 from spinal_callback.trace import DepthTrace
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 logger = logging.getLogger("spinal_callback")
 
@@ -44,8 +39,6 @@ PREFIX = "spinal"
 REFERENCE_PREFIX = "spinal/reference"
 RETRY_AFTER_S = 60.0
 """Seconds a failed ``TraceBoard`` drops writes before it tries its writer again."""
-HEATMAP_COLUMNS = 200
-"""Most probes (columns) one depth-trace heatmap shows; longer histories are thinned evenly."""
 
 
 def trace_scalars(trace: DepthTrace, prefix: str = PREFIX) -> dict[str, float]:
@@ -296,12 +289,18 @@ class TraceBoard:
         self._texts[tag] = (step, held)
         return "\n\n".join(held)
 
-    def write_heatmap(self, history: Sequence[DepthTrace]) -> None:
-        """Image ``spinal/depth_trace``: both scores as layer x probe-step heatmaps of at most
-        ``HEATMAP_COLUMNS`` probes (see ``depth_trace_figure``). Not rendered while broken."""
+    def write_heatmap(
+        self,
+        history: Sequence[DepthTrace],
+        reference: DepthTrace | None = None,
+        alerts: Sequence[Alert] = (),
+    ) -> None:
+        """Image ``spinal/depth_trace`` at the last trace's step: both scores as layer x
+        probe-step heatmaps (see ``heatmap.depth_trace_figure``), with the reference column and
+        the alert steps marked. Not rendered while broken."""
         if not history or self._waiting():
             return
-        image = figure_pixels(depth_trace_figure(history))
+        image = figure_pixels(depth_trace_figure(history, reference, alerts))
         step = history[-1].step
         self._write(
             f"writing the heatmap of step {step}",
@@ -413,50 +412,3 @@ class TraceBoard:
             self._retry_after_s,
             exc_info=not isinstance(error, OSError),
         )
-
-
-def depth_trace_figure(history: Sequence[DepthTrace], columns: int = HEATMAP_COLUMNS) -> Figure:
-    """A matplotlib ``Figure`` (with an Agg canvas; pyplot untouched) of contraction and
-    transport heatmaps: rows are late layers, columns probes in step order.
-
-    Only the traces with the same layers as the last one are shown, thinned evenly to at most
-    ``columns`` of them (the first and the last kept), so the cost of a heatmap stays bounded
-    however long the run.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    layers = history[-1].layers
-    traces = [trace for trace in history if trace.layers == layers]
-    if len(traces) > columns:
-        picks = np.linspace(0, len(traces) - 1, columns).round().astype(int)
-        traces = [traces[i] for i in picks]
-    steps = [trace.step for trace in traces]
-    contraction = np.stack([trace.contraction.numpy() for trace in traces], axis=1)
-    transport = np.stack([trace.transport.numpy() for trace in traces], axis=1)
-    figure = Figure(figsize=(10, 3.6))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 2)
-    panels = [
-        (axes[0], contraction, [f"L{layer:02d}" for layer in layers], "contraction"),
-        (axes[1], transport, [f"L{a:02d}>{b:02d}" for a, b in pairwise(layers)], "transport"),
-    ]
-    for axis, values, labels, title in panels:
-        image = axis.imshow(values, aspect="auto", origin="lower", cmap="viridis")
-        axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int)
-        axis.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=7)
-        axis.set(title=title, xlabel="step")
-        figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    return figure
-
-
-def figure_pixels(figure: Figure) -> np.ndarray:
-    """The figure drawn by Agg, as a uint8 ``[height, width, 3]`` RGB array (pixels at the
-    figure's dpi)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

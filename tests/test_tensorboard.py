@@ -23,13 +23,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from spinal_callback.events import Alert
+from spinal_callback.heatmap import HEATMAP_COLUMNS, depth_trace_figure
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.tensorboard import (
-    HEATMAP_COLUMNS,
-    PREFIX,
-    TraceBoard,
-    depth_trace_figure,
-)
+from spinal_callback.tensorboard import PREFIX, TraceBoard
 from spinal_callback.trace import DepthTrace
 
 ROOT = Path(__file__).resolve().parents[1]
