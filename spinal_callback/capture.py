@@ -7,6 +7,7 @@ eval and autocast modes with ``eval_mode`` and ``autocast_context``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -94,6 +95,32 @@ def autocast_context(
     if dtype_name is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype_name))
+
+
+def lens_cast(hidden: Tensor, lens_dtype: str) -> torch.dtype | None:
+    """The dtype the logit lens over ``hidden`` multiplies in (``SpinalConfig.lens_dtype``), or
+    ``None`` to keep the forward's precision.
+
+    ``"bfloat16"``: bfloat16; ``"auto"``: bfloat16 when ``hidden`` is float32 on a CPU with native
+    bfloat16 matrix instructions; ``"native"``: ``None``.
+    """
+    wanted = lens_dtype == "bfloat16" or (
+        lens_dtype == "auto"
+        and hidden.device.type == "cpu"
+        and hidden.dtype == torch.float32
+        and cpu_has_native_bfloat16()
+    )
+    return torch.bfloat16 if wanted else None
+
+
+@functools.cache
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX); emulated
+    bfloat16 would be slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextlib.contextmanager

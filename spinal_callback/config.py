@@ -14,6 +14,7 @@ from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
 TRANSPORT_MEASURES = ("hellinger", "fisher_rao", "js")
 SPECTRUM_DTYPES = ("float32", "float64")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+LENS_DTYPES = ("auto", "bfloat16", "native")
 STOP_LEVELS = ("critical", "warning")
 
 
@@ -50,6 +51,13 @@ class SpinalConfig:
             ``k in [ceil(tail_low * r), floor(tail_high * r)]``.
         spectrum_dtype: precision of the Gram matrix and its eigenvalues.
         lens_chunk_mib: upper bound, in MiB, on the float32 logit-lens block held at once.
+        lens_dtype: precision of the logit lens's unembedding matrix product, the probe's largest
+            cost. ``"native"``: the forward's own (the head's dtype, or the probe's or an
+            enclosing autocast); ``"bfloat16"``: under bfloat16 autocast (products accumulate in
+            float32; the softmax and the scores stay float32); ``"auto"`` (default):
+            ``"bfloat16"`` when the forward is float32 on a CPU with native bfloat16 matrix
+            instructions, where it is about 2.7x faster and moved transport by under 0.001 on
+            a 135M model, else ``"native"``.
         autocast_dtype: ``"bfloat16"``/``"float16"`` to run the probe forward under autocast,
             ``None`` to run in the model's own dtype (an enclosing autocast is still honoured).
         seed: seed of the token subsamples, an int in ``[0, 2**63)``.
@@ -95,6 +103,7 @@ class SpinalConfig:
     tail_high: float = 0.7
     spectrum_dtype: str = "float64"
     lens_chunk_mib: int = 64
+    lens_dtype: str = "auto"
     autocast_dtype: str | None = None
     seed: int = 0
     blocks_path: str | None = None
@@ -135,6 +144,7 @@ class SpinalConfig:
         _check_int("lens_chunk_mib", self.lens_chunk_mib, minimum=1)
         _check_choice("transport", self.transport, TRANSPORT_MEASURES)
         _check_choice("spectrum_dtype", self.spectrum_dtype, SPECTRUM_DTYPES)
+        _check_choice("lens_dtype", self.lens_dtype, LENS_DTYPES)
         if self.autocast_dtype is not None:
             _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
         if self.stop_on is not None:

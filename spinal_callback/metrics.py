@@ -188,14 +188,12 @@ def per_token_transport(log_p: Tensor, log_q: Tensor, measure: str = "hellinger"
     # where sqrt(1 - BC) computed from BC itself would cancel to noise.
     root_gap = torch.exp(0.5 * log_p) - torch.exp(0.5 * log_q)
     hellinger = torch.sqrt((0.5 * (root_gap * root_gap).sum(dim=-1)).clamp(0.0, 1.0))
-    if measure == "hellinger":
-        return hellinger
-    if measure == "fisher_rao":
-        # arccos(BC) = 2 asin(H / sqrt 2): the same angle without arccos's cancellation near BC = 1.
-        return (4.0 / math.pi) * torch.asin((hellinger / math.sqrt(2.0)).clamp(0.0, 1.0))
-    raise ValueError(
-        f"unknown transport measure {measure!r}; use 'hellinger', 'fisher_rao' or 'js'"
-    )
+    if measure not in ("hellinger", "fisher_rao"):
+        raise ValueError(
+            f"unknown transport measure {measure!r}; use 'hellinger', 'fisher_rao' or 'js'"
+        )
+    # fisher_rao: arccos(BC) = 2 asin(H / sqrt 2), without arccos's cancellation near BC = 1.
+    return _hellinger_as(measure, hellinger)
 
 
 def _jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -207,31 +205,56 @@ def _jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
     return divergence.clamp(0.0, 1.0)
 
 
-def transport_from_roots(root_p: Tensor, root_q: Tensor, measure: str = "hellinger") -> Tensor:
-    """``per_token_transport`` from square-root probabilities ``sqrt(p)``, ``sqrt(q)`` ``[..., V]``
-    float32, computed once and shared by every layer pair ("hellinger" and "fisher_rao" only).
+def root_gram(root: Tensor) -> Tensor:
+    """Inner products of every pair of layers' square-root distributions, token by token.
+
+    Args:
+        root: ``[L, n, V]`` float32 ``sqrt(p)`` of ``L`` layers' lens distributions over ``n``
+            tokens.
 
     Returns:
-        ``[...]`` float32 distances in [0, 1], equal to ``per_token_transport`` on ``log p``,
-        ``log q`` up to float32 rounding.
+        ``[n, L, L]`` float32 ``G[t, a, b] = sum_v sqrt(p_a p_b)`` (the Bhattacharyya
+        coefficients; the diagonal is each distribution's total mass, 1 up to rounding), from one
+        batched matrix product.
     """
-    gap = root_p - root_q
-    hellinger = torch.sqrt((0.5 * torch.linalg.vecdot(gap, gap)).clamp(0.0, 1.0))
+    return root.permute(1, 0, 2) @ root.permute(1, 2, 0)
+
+
+def transport_from_gram(gram: Tensor, measure: str = "hellinger") -> tuple[Tensor, Tensor]:
+    """Adjacent-layer and first-to-last transport from ``root_gram``'s ``[n, L, L]`` output.
+
+    ``H^2 = (G_aa + G_bb) / 2 - G_ab``, the mass-corrected ``1 - BC``. It avoids materialising
+    ``sqrt p - sqrt q`` over the vocabulary, at a float32 absolute error below 1e-3 on nearby
+    distributions of a 49k vocabulary (measured against float64); identical distributions give
+    exactly 0.
+
+    Returns:
+        ``[L - 1, n]`` adjacent-layer and ``[n]`` first-to-last float32 distances in [0, 1]
+        (``"hellinger"`` or ``"fisher_rao"``, as ``per_token_transport``).
+    """
+    mass = gram.diagonal(dim1=1, dim2=2)
+    adjacent = 0.5 * (mass[:, :-1] + mass[:, 1:]) - gram.diagonal(offset=1, dim1=1, dim2=2)
+    end_to_end = 0.5 * (mass[:, 0] + mass[:, -1]) - gram[:, 0, -1]
+    return (
+        _hellinger_as(measure, torch.sqrt(adjacent.clamp(0.0, 1.0)).T),
+        _hellinger_as(measure, torch.sqrt(end_to_end.clamp(0.0, 1.0))),
+    )
+
+
+def _hellinger_as(measure: str, hellinger: Tensor) -> Tensor:
     if measure == "hellinger":
         return hellinger
     if measure == "fisher_rao":
         return (4.0 / math.pi) * torch.asin((hellinger / math.sqrt(2.0)).clamp(0.0, 1.0))
-    raise ValueError(f"transport_from_roots supports 'hellinger' and 'fisher_rao', got {measure!r}")
+    raise ValueError(f"the Gram form supports 'hellinger' and 'fisher_rao', got {measure!r}")
 
 
-def entropy_from_probabilities(p: Tensor, log_p: Tensor) -> Tensor:
-    """``token_entropy`` when ``p = exp(log_p)`` is already at hand (``[..., V]`` float32):
-    one fused dot product; the masked form only where a zero-mass entry (``log p = -inf``) makes
-    ``0 * -inf`` undefined."""
-    entropy = -torch.linalg.vecdot(p, log_p)
-    if bool(torch.isfinite(entropy).all()):
-        return entropy
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
+def entropy_from_roots(p: Tensor, half_log_p: Tensor) -> Tensor:
+    """``token_entropy`` from ``p`` and ``log(p) / 2`` (``[..., V]`` float32), as one batched dot
+    product; ``half_log_p`` must be finite (clamp ``-inf`` to a large negative number: its
+    ``p`` is 0, so it adds nothing)."""
+    dot = p.unsqueeze(-2) @ half_log_p.unsqueeze(-1)
+    return -2.0 * dot.squeeze(-1).squeeze(-1)
 
 
 def token_entropy(log_p: Tensor) -> Tensor:

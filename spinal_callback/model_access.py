@@ -70,15 +70,38 @@ class ModelParts:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-    def lens_logits(self, hidden: Tensor) -> Tensor:
-        """Logit lens: ``[..., d]`` block outputs to ``[..., V]`` logits, in the head's dtype."""
+    def lens_logits(self, hidden: Tensor, head_weight: Tensor | None = None) -> Tensor:
+        """Logit lens: ``[..., d]`` block outputs to ``[..., V]`` logits, in the head's dtype.
+
+        ``head_weight``: a copy of the head's ``[V, d]`` weight (``head_weight_as``) to multiply
+        with instead of calling the head; the logits are then in its dtype.
+        """
         projected = self.final_norm(hidden)
         if self.head_input is not None:
             projected = self.head_input(projected)
-        logits = self.head(projected)
+        if head_weight is None:
+            logits = self.head(projected)
+        else:
+            bias = getattr(self.head, "bias", None)
+            bias = None if bias is None else bias.to(head_weight.dtype)
+            logits = nn.functional.linear(projected.to(head_weight.dtype), head_weight, bias)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def head_weight_as(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """The head's weight cast to ``dtype``, when the head is a plain ``nn.Linear`` whose
+        whole ``[V, d]`` weight is materialised on ``device``; else ``None`` (a sharded,
+        offloaded or unusual head is called as a module, so its engine's hooks run)."""
+        head = self.head
+        if type(head) is not nn.Linear:
+            return None
+        weight = head.weight
+        if type(weight) not in (nn.Parameter, Tensor) or weight.device != device:
+            return None
+        if tuple(weight.shape) != (head.out_features, head.in_features):
+            return None
+        return weight.detach().to(dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -23,17 +23,19 @@ from spinal_callback.capture import (
     device_of,
     eval_mode,
     forward_inputs,
+    lens_cast,
 )
 from spinal_callback.config import SpinalConfig
 from spinal_callback.metrics import (
     RAMP_SUMMARY_NAMES,
     contraction_scores,
-    entropy_from_probabilities,
+    entropy_from_roots,
     per_token_transport,
     ramp_summaries,
+    root_gram,
     tail_band,
     token_entropy,
-    transport_from_roots,
+    transport_from_gram,
 )
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
@@ -250,6 +252,9 @@ class SpinalProbe:
         deepest layer's mean next-token NLL over the tokens whose ``targets`` are >= 0.
         """
         count, tokens = hidden.shape[0], hidden.shape[1]
+        cast = lens_cast(hidden, self.config.lens_dtype)
+        # Cast once per probe, not per block of tokens (a 150k x 900 head is 0.1 s a cast).
+        weight = None if cast is None else self.parts.head_weight_as(cast, hidden.device)
         vocab = _vocab_size(self.parts, hidden)
         self.vocab_size = vocab
         chunk = max(1, (self.config.lens_chunk_mib << 20) // (4 * count * vocab))
@@ -259,25 +264,40 @@ class SpinalProbe:
         nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
         measure = self.config.transport
         for start in range(0, tokens, chunk):
-            logits = self.parts.lens_logits(hidden[:, start : start + chunk])
+            logits = self._lens_logits(hidden[:, start : start + chunk], cast, weight)
             log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             del logits
+            chunk_targets = targets[start : start + chunk]
+            picked = log_p[-1].gather(-1, chunk_targets.clamp_min(0)[:, None]).squeeze(-1)
+            nll -= torch.where(chunk_targets >= 0, picked, torch.zeros_like(picked)).sum()
             if measure == "js":
                 adjacent += per_token_transport(log_p[:-1], log_p[1:], measure).sum(dim=-1)
                 end_to_end += per_token_transport(log_p[0], log_p[-1], measure).sum()
                 entropy += token_entropy(log_p).sum(dim=-1)
-            else:
-                # sqrt(p) once for every layer; then p in place for the entropy.
-                root = torch.exp(0.5 * log_p)
-                adjacent += transport_from_roots(root[:-1], root[1:], measure).sum(dim=-1)
-                end_to_end += transport_from_roots(root[0], root[-1], measure).sum()
-                entropy += entropy_from_probabilities(root.square_(), log_p).sum(dim=-1)
-                del root
-            chunk_targets = targets[start : start + chunk]
-            picked = log_p[-1].gather(-1, chunk_targets.clamp_min(0)[:, None]).squeeze(-1)
-            nll -= torch.where(chunk_targets >= 0, picked, torch.zeros_like(picked)).sum()
+                continue
+            # In place: log p / 2, finite (a zero-mass entry's p is 0 either way), then sqrt p
+            # for the Gram of every layer pair, then p for the entropy.
+            half = log_p.mul_(0.5).clamp_(min=torch.finfo(torch.float32).min)
+            root = torch.exp(half)
+            chunk_adjacent, chunk_end_to_end = transport_from_gram(root_gram(root), measure)
+            adjacent += chunk_adjacent.sum(dim=-1)
+            end_to_end += chunk_end_to_end.sum()
+            entropy += entropy_from_roots(root.square_(), half).sum(dim=-1)
+            del root, half, log_p
         predicted = (targets >= 0).sum().clamp_min(1)
         return adjacent / tokens, end_to_end / tokens, entropy / tokens, nll / predicted
+
+    def _lens_logits(
+        self, hidden: Tensor, cast: torch.dtype | None, weight: Tensor | None
+    ) -> Tensor:
+        """The lens logits of ``hidden``: with the head's weight already cast to ``cast``, else
+        under autocast to ``cast``, else (``None``) in the forward's own precision."""
+        if weight is not None:
+            return self.parts.lens_logits(hidden, weight)
+        if cast is None:
+            return self.parts.lens_logits(hidden)
+        with torch.autocast(device_type=hidden.device.type, dtype=cast):
+            return self.parts.lens_logits(hidden)
 
     def _groups(self, batches: Sequence[ProbeBatch]) -> list[_Group]:
         """Each batch's token subsamples, chosen within the batch and mapped into the stack."""
@@ -372,6 +392,9 @@ class SpinalProbe:
             "tail": [self.config.tail_low, self.config.tail_high],
             "spectrum_dtype": self.config.spectrum_dtype,
         }
+        if self.config.lens_dtype != "auto":
+            # Only when set, so that traces from before the setting existed keep their print.
+            settings["lens_dtype"] = self.config.lens_dtype
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()[:16]
 

@@ -199,3 +199,11 @@ def test_with_overrides_names_the_valid_fields_for_an_unknown_one() -> None:
 def test_to_dict_rebuilds_the_same_config() -> None:
     config = SpinalConfig(late_layers=(-3, -2, -1), tail_low="0.1")  # type: ignore[arg-type]
     assert SpinalConfig(**config.to_dict()) == config
+
+
+def test_an_unknown_lens_dtype_lists_the_choices() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"lens_dtype must be one of \['auto', 'bfloat16', 'native'\], got 'float16'",
+    ):
+        SpinalConfig(lens_dtype="float16")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback import SpinalConfig
+from spinal_callback import SpinalConfig, capture
 from spinal_callback.metrics import contraction_score, transport_score
-from spinal_callback.model_access import resolve_model_parts
+from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe import ProbeBatch, SpinalProbe, late_band
 
 
@@ -120,7 +120,8 @@ def test_scores_equal_the_metrics_applied_to_the_models_hidden_states(
     make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
 ) -> None:
     model = make_model("llama", layers=6)
-    probe = SpinalProbe(model, probe_batch, SpinalConfig(late_layers=[2, 3, 4]))
+    config = SpinalConfig(late_layers=[2, 3, 4], lens_dtype="native")
+    probe = SpinalProbe(model, probe_batch, config)
     trace = probe.run()
     with torch.no_grad():
         hidden_states = model(
@@ -135,6 +136,47 @@ def test_scores_equal_the_metrics_applied_to_the_models_hidden_states(
     lens = [parts.lens_logits(r[probe.transport_index]) for r in rows]
     expected_transport = torch.stack([transport_score(lens[i], lens[i + 1]) for i in range(2)])
     torch.testing.assert_close(trace.transport, expected_transport, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_lens_moves_transport_by_rounding_only(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
+    native = SpinalProbe(llama, probe_batch, SpinalConfig(lens_dtype="native")).run()
+    bfloat16 = SpinalProbe(llama, probe_batch, SpinalConfig(lens_dtype="bfloat16")).run()
+    gap = (bfloat16.transport - native.transport).abs().max().item()
+    assert 0.0 < gap < 1e-3
+    torch.testing.assert_close(bfloat16.contraction, native.contraction)
+
+
+def test_auto_lens_is_bfloat16_only_on_a_float32_cpu_forward_with_native_bfloat16() -> None:
+    hidden = torch.zeros(2, 3)
+    native = torch.bfloat16 if capture.cpu_has_native_bfloat16() else None
+    assert capture.lens_cast(hidden, "auto") == native
+    assert capture.lens_cast(hidden.double(), "auto") is None
+    assert capture.lens_cast(hidden, "native") is None
+    assert capture.lens_cast(hidden.double(), "bfloat16") == torch.bfloat16
+
+
+def test_a_bfloat16_lens_under_autocast_equals_the_one_with_a_cast_head_weight(
+    llama: PreTrainedModel, probe_batch: ProbeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = SpinalConfig(lens_dtype="bfloat16")
+    cast_weight = SpinalProbe(llama, probe_batch, config).run()
+    monkeypatch.setattr(ModelParts, "head_weight_as", lambda *args: None)
+    autocast = SpinalProbe(llama, probe_batch, config).run()
+    torch.testing.assert_close(autocast.transport, cast_weight.transport)
+
+
+def test_lens_dtype_changes_the_probe_fingerprint_only_when_set(
+    llama: PreTrainedModel, probe_batch: ProbeBatch
+) -> None:
+    default = SpinalProbe(llama, probe_batch).probe_fingerprint
+    assert SpinalProbe(llama, probe_batch, SpinalConfig(lens_dtype="auto")).probe_fingerprint == (
+        default
+    )
+    assert SpinalProbe(llama, probe_batch, SpinalConfig(lens_dtype="native")).probe_fingerprint != (
+        default
+    )
 
 
 def test_run_is_deterministic(llama: PreTrainedModel, probe_batch: ProbeBatch) -> None:
