@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.preference_data import make_preference_pairs, tokenizer_corpus
 from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer, llama_1b_config
@@ -147,12 +148,17 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
         peak = (
             torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else memory.peak_mib
         )
-    probes = len(callbacks[0].traces) if callbacks else 0
+    traces = callbacks[0].traces if callbacks else []
     return {
         "steps_per_second": steps / seconds,
         "peak_mib": peak,
-        "probes": probes,
+        "probes": len(traces),
         "callback_share": TimedSpinalCallback.seconds / seconds if callbacks else 0.0,
+        "probe_seconds": (
+            statistics.median(float(trace.metadata["seconds"]) for trace in traces)
+            if traces
+            else 0.0
+        ),
     }
 
 
@@ -200,9 +206,16 @@ def main() -> None:
             "peak_mib": statistics.median(r["peak_mib"] for r in results),
             "probes": results[0]["probes"],
             "callback_share": statistics.median(r["callback_share"] for r in results),
+            "probe_seconds": statistics.median(r["probe_seconds"] for r in results),
         }
         for label, results in runs.items()
     }
+    # A short run is dominated by the probes at its start (the reference's and step 0's); a long
+    # one pays one probe per `every_n_steps` steps.
+    every = SpinalConfig().every_n_steps
+    step_seconds = 1 / summary["without"]["steps_per_second"]
+    probe_seconds = summary["with"]["probe_seconds"]
+    steady_share = probe_seconds / (every * step_seconds + probe_seconds)
     slowdown = 1 - summary["with"]["steps_per_second"] / summary["without"]["steps_per_second"]
     memory = summary["with"]["peak_mib"] / max(summary["without"]["peak_mib"], 1e-9) - 1
     device = (
@@ -221,11 +234,23 @@ def main() -> None:
         )
     print(f"slowdown {slowdown:+.2%} (median steps/s), extra peak memory {memory:+.2%}")
     print(f"time inside the callback's hooks: {summary['with']['callback_share']:.2%} of the run")
+    print(
+        f"one probe {probe_seconds:.2f} s = {probe_seconds / step_seconds:.2f} training steps; "
+        f"in a long run at every_n_steps={every}: {steady_share:.2%} of the time"
+    )
     output = Path(args.out)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
         json.dumps(
-            {"device": device, "runs": runs, "summary": summary, "slowdown": slowdown}, indent=2
+            {
+                "device": device,
+                "runs": runs,
+                "summary": summary,
+                "slowdown": slowdown,
+                "probe_in_steps": probe_seconds / step_seconds,
+                "steady_state_share": steady_share,
+            },
+            indent=2,
         )
     )
 

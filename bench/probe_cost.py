@@ -30,7 +30,7 @@ import copy
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -132,16 +132,22 @@ def checkpoint(path: str, device: torch.device, tokens: int) -> Setup:
     return Setup(model, batch, config, neutral)
 
 
-def median_seconds(call: Callable[[], object], device: torch.device, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(
+    calls: Mapping[str, Callable[[], object]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds of each call, timed in rounds (each call once per round, after one
+    warm-up round), so that a load that comes and goes on a shared machine hits every call
+    alike and their ratios hold."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(repeats + 1):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            if round_index > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def synchronize(device: torch.device) -> None:
@@ -196,7 +202,7 @@ def stages(probe: SpinalProbe, device: torch.device, repeats: int) -> dict[str, 
     lens()
     names = {"forward to the last late block": forward, "spectra": spectra, "lens": lens}
     names["host copy"] = host_copy
-    result = {name: median_seconds(call, device, repeats) * 1e3 for name, call in names.items()}
+    result = {name: ms * 1e3 for name, ms in interleaved_medians(names, device, repeats).items()}
     groups = len(probe.groups)
     if groups > 1:
         result["(spectra and lens run once per probe group)"] = float(groups)
@@ -262,9 +268,10 @@ def measure(name: str, setup: Setup, device: torch.device, repeats: int) -> dict
             return [model(**group, output_hidden_states=True).hidden_states for group in texts]
 
     calls = {"bare forward": bare, "output_hidden_states": hidden_states, "probe": probe.run}
+    medians = interleaved_medians(calls, device, repeats)
     rows = {
         call_name: {
-            "median_ms": median_seconds(call, device, repeats) * 1e3,
+            "median_ms": medians[call_name] * 1e3,
             "peak_mib": peak_memory_mib(call, device),
         }
         for call_name, call in calls.items()
