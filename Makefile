@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := spinal_callback tests bench recipes
 
-.PHONY: install lint test demo bench real-model clean
+.PHONY: install lint test test-browser demo bench real-model clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# What a person sees in TensorBoard, in headless Chromium (Debian: apt-get install chromium
+# chromium-driver); the screenshots go to docs/, where the README shows them.
+test-browser: install
+	SPINAL_SCREENSHOTS=docs $(BIN)/pytest tests/test_browser.py
 
 demo: install
 	$(BIN)/python -m recipes.trl_dpo --output-dir runs/demo

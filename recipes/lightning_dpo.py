@@ -1,7 +1,8 @@
 """DPO in a compact LightningModule with spinal-callback, offline, on a tiny model or a checkpoint.
 
     python -m recipes.lightning_dpo                  # tiny Llama, synthetic task, 300 steps
-    python -m recipes.lightning_dpo --model PATH     # a local checkpoint (from_pretrained on PATH)
+    python -m recipes.lightning_dpo --model PATH     # a local checkpoint, at lr 5e-7
+    python -m recipes.lightning_dpo --model PATH --pairs my_pairs.jsonl   # your own data
     python -m recipes.lightning_dpo --no-spinal      # the same run without the callback
 
 ``DPOModule`` holds the policy at ``.model`` and a frozen copy at ``.reference`` (which
@@ -9,6 +10,11 @@
 ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` on summed response-token log-probs.
 It logs ``train/loss``, ``rewards/accuracies`` and ``rewards/margins`` every step and the same
 on the held-out pairs as ``eval/loss``, ``eval/rewards/accuracies``, ``eval/rewards/margins``.
+
+What it writes under OUTPUT_DIR: ``tb/version_<n>/`` (TensorBoard: the module's scalars and the
+callback's, with its event log ``spinal_events.jsonl``), ``checkpoints/`` (Lightning checkpoints
+every --save-steps, and ``spinal-stop-step=<step>.ckpt`` when the callback stops the run) and
+``final/``, the trained policy and its tokenizer (``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,9 +34,19 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from recipes.common import build_policy, print_report, training_arguments
+from recipes.common import (
+    RunOutcome,
+    build_policy,
+    checkpoints_line,
+    event_log_line,
+    preference_pairs,
+    print_report,
+    probe_prompts,
+    resolve_arguments,
+    spinal_metrics,
+    training_arguments,
+)
 from spinal_callback.pairs import KEYS, SIDES, collate_pairs, response_logps
-from spinal_callback.preference_data import train_eval_split
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -97,9 +114,16 @@ class DPOModule(pl.LightningModule):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; ``argv=None`` reads ``sys.argv``."""
+    return resolve_arguments(build_parser(), argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options: ``training_arguments`` plus Lightning's own."""
     parser = training_arguments(__doc__, "runs/lightning_dpo")
-    parser.add_argument("--accelerator", default="cpu", help='Lightning accelerator ("auto": GPU)')
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--accelerator", default="cpu", help='Lightning accelerator ("auto" takes a GPU if any)'
+    )
+    return parser
 
 
 def spinal_callbacks(args: argparse.Namespace, probe_texts: list[str]) -> list[pl.Callback]:
@@ -111,22 +135,39 @@ def spinal_callbacks(args: argparse.Namespace, probe_texts: list[str]) -> list[p
     return [SpinalCallback(probe_texts=probe_texts, every_n_steps=args.every_n_steps)]
 
 
+def pair_loader(rows: list[dict[str, str]], tokenizer: Any, **options: Any) -> DataLoader[Any]:
+    """Batches of ``collate_pairs`` over ``rows`` (a list is a map-style dataset to torch)."""
+    dataset: Any = rows
+    return DataLoader(dataset, collate_fn=partial(collate_pairs, tokenizer), **options)
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     """Train; return the final logged metrics: the last step's ``train/loss``,
     ``rewards/accuracies``, ``rewards/margins``, the last held-out evaluation's ``eval/...``,
-    and with the callback on the final trace's ``spinal/<summary>`` and ``spinal/alerts``."""
-    torch.set_num_threads(args.threads)
+    ``steps``, and with the callback on those of ``spinal_metrics``."""
+    return train(args).metrics
+
+
+def train(args: argparse.Namespace) -> RunOutcome:
+    """Train, save the policy and tokenizer to ``OUTPUT_DIR/final``; the metrics of ``run`` and
+    what was written where."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
+    train_rows, held_out = preference_pairs(args)
     policy, tokenizer = build_policy(args)
-    # One epoch: a second pass over the same pairs over-optimizes (the held-out chosen reply
-    # loses probability), which is a failure the monitor rightly reports.
-    train, held_out = train_eval_split(train_count=args.steps * args.batch_size, seed=args.seed)
-    collate = partial(collate_pairs, tokenizer)
-    train_loader = DataLoader(
-        list(train), batch_size=args.batch_size, shuffle=True, collate_fn=collate
-    )
-    eval_loader = DataLoader(list(held_out), batch_size=64, collate_fn=collate)
-    callbacks = spinal_callbacks(args, [row["prompt"] for row in held_out][:32])
+    train_loader = pair_loader(train_rows, tokenizer, batch_size=args.batch_size, shuffle=True)
+    eval_loader = pair_loader(held_out, tokenizer, batch_size=64)
+    probe_texts = probe_prompts(train_rows, held_out)
+    callbacks = spinal_callbacks(args, probe_texts)
+    output = Path(args.output_dir)
+    checkpointing: list[pl.Callback] = []
+    if args.save_steps > 0:
+        checkpointing.append(
+            pl.callbacks.ModelCheckpoint(
+                dirpath=output / "checkpoints", every_n_train_steps=args.save_steps, save_top_k=-1
+            )
+        )
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -138,8 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         log_every_n_steps=5,
         default_root_dir=args.output_dir,
         logger=pl.loggers.TensorBoardLogger(args.output_dir, name="tb"),
-        callbacks=callbacks,
-        enable_checkpointing=False,
+        callbacks=[*checkpointing, *callbacks],
+        enable_checkpointing=bool(checkpointing),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -150,14 +191,19 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             "ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning
         )
         trainer.fit(module, train_loader, eval_loader)
+    final = output / "final"
+    policy.save_pretrained(final)  # the module trained this very object
+    tokenizer.save_pretrained(final)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
     metrics["steps"] = float(trainer.global_step)
+    saved = {"TensorBoard": f"tensorboard --logdir {output / 'tb'}"}
     for callback in callbacks:
-        if callback.traces:
-            final = callback.traces[-1].summary
-            metrics.update({f"spinal/{name}": value for name, value in final.items()})
-        metrics["spinal/alerts"] = float(len(callback.runner.alerts))
-    return metrics
+        metrics.update(spinal_metrics(callback))
+        saved["event log"] = event_log_line(callback)
+    saved["final model"] = f"{final} (policy and tokenizer, save_pretrained)"
+    found = sorted((output / "checkpoints").glob("*.ckpt"))
+    saved["checkpoints"] = checkpoints_line(found, args.save_steps)
+    return RunOutcome(metrics, saved)
 
 
 def summary(metrics: dict[str, float], steps: int) -> str:
@@ -174,10 +220,11 @@ def summary(metrics: dict[str, float], steps: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the recipe and print the TensorBoard command and a summary; returns the exit code."""
+    """Run the recipe, then print a summary and where everything was written; the exit code."""
     args = parse_args(argv)
-    metrics = run(args)
-    print_report(f"{args.output_dir}/tb", summary(metrics, int(metrics["steps"])), metrics)
+    outcome = train(args)
+    steps = int(outcome.metrics["steps"])
+    print_report(summary(outcome.metrics, steps), outcome.metrics, outcome.saved, args.steps)
     return 0
 
 

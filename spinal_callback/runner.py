@@ -226,6 +226,12 @@ class Runner:
         """The trainer's logged scalars (loss, DPO rewards): score them, then decide."""
         alerts = self.monitor.update_logs(step, logs)
         self.outputs.level(step, alerts)
+        if alerts:
+            # Forwarded with the next logs, like a probe's level (the highest one wins).
+            level = float(max(alert.severity for alert in alerts))
+            self.pending["spinal/alert_level"] = max(
+                level, self.pending.get("spinal/alert_level", 0.0)
+            )
         for alert in alerts:
             self._raise(alert)
         if alerts:

@@ -1,19 +1,22 @@
 """Everything that writes depth traces and alerts to a TensorBoard ``SummaryWriter``.
 
-Tags:
-    spinal/contraction/L{ii}            contraction of late block ii
-    spinal/transport/L{ii}              transport from late block ii to the next late block
+Runs and tags (a run is a directory under the board's log dir; TensorBoard colours each run and
+lists them in name order, so every late block is its own colour, the same in every chart):
+    L{ii}/ spinal/contraction           contraction of late block ii (one run per late block)
+    L{ii}/ spinal/transport             transport from late block ii to the next late block
+    reference/ spinal/ramp/<summary>    the reference (baseline) trace's summaries, repeated at
+                                        every probe step: a flat line in the run's own charts
     spinal/ramp/<summary>               ramp summaries
     spinal/neutral/perplexity_ratio     neutral-text perplexity over the reference's
     spinal/neutral/departure            relative change of the neutral trace from the reference's
-    spinal/reference/...                the same for the reference (baseline) trace, repeated at
-                                        every probe step so it draws as a flat line beside the run
     spinal/drift/L{ii}                  drift of block ii's output from the reference's (every
                                         block, every ``drift_every`` probes; see ``drift.py``)
-    spinal/alert_level                  highest alert level at a probe (0 none, 1 info, 2 warning,
-                                        3 critical)
+    spinal/alert_level                  highest alert level at a probe or log (0 none, 1 info,
+                                        2 warning, 3 critical)
+    spinal/alert_level_max              the highest level so far (a step that stays up, so that
+                                        TensorBoard's outlier clipping and smoothing cannot hide it)
     spinal/depth_trace (image)          layer x probe-step heatmaps of both scores
-    spinal/alerts, spinal/notes (text)
+    spinal/alerts, spinal/notes (text)  every alert and note of a step, under these plain tags
 
 ``TraceBoard`` never raises from its writes: a failing log directory costs TensorBoard output
 (logged once, retried later), never the training run.
@@ -22,6 +25,7 @@ Tags:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,30 +35,32 @@ from spinal_callback.heatmap import depth_trace_figure, figure_pixels
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.rules.departure import departure
 from spinal_callback.rules.language import perplexity_ratio
-from spinal_callback.trace import DepthTrace
+from spinal_callback.trace import DepthTrace, block_name
 
 logger = logging.getLogger("spinal_callback")
 
 PREFIX = "spinal"
-REFERENCE_PREFIX = "spinal/reference"
+REFERENCE_RUN = "reference"
+"""The run (subdirectory) that holds the reference trace's summaries."""
 RETRY_AFTER_S = 60.0
 """Seconds a failed ``TraceBoard`` drops writes before it tries its writer again."""
 
 
-def trace_scalars(trace: DepthTrace, prefix: str = PREFIX) -> dict[str, float]:
-    """All scalars of a trace under the tag names above, as Python floats."""
-    scalars = {
-        f"{prefix}/contraction/L{layer:02d}": value
+def layer_scalars(trace: DepthTrace) -> dict[str, dict[str, float]]:
+    """Per late block's run: ``spinal/contraction`` and (all but the deepest block)
+    ``spinal/transport`` to the next late block, as Python floats."""
+    runs: dict[str, dict[str, float]] = {
+        block_name(layer, trace.num_blocks): {f"{PREFIX}/contraction": value}
         for layer, value in zip(trace.layers, trace.contraction.tolist())
     }
-    scalars.update(
-        {
-            f"{prefix}/transport/L{layer:02d}": value
-            for layer, value in zip(trace.layers, trace.transport.tolist())
-        }
-    )
-    scalars.update({f"{prefix}/ramp/{name}": trace.summary[name] for name in RAMP_SUMMARY_NAMES})
-    return scalars
+    for layer, value in zip(trace.layers, trace.transport.tolist()):
+        runs[block_name(layer, trace.num_blocks)][f"{PREFIX}/transport"] = value
+    return runs
+
+
+def trace_scalars(trace: DepthTrace) -> dict[str, float]:
+    """The run-level scalars of a trace (its ramp summaries), as Python floats."""
+    return {f"{PREFIX}/ramp/{name}": trace.summary[name] for name in RAMP_SUMMARY_NAMES}
 
 
 def summary_scalars(trace: DepthTrace, reference: DepthTrace | None = None) -> dict[str, float]:
@@ -86,40 +92,38 @@ def health_scalars(trace: DepthTrace, reference: DepthTrace) -> dict[str, float]
 
 
 def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str, Any]:
-    """One multi-line chart per score for the late band, and one per summary with its reference;
-    with ``drift``, one more for the drift of every block."""
-    band = f"L{layers[0]:02d}-L{layers[-1]:02d}"
+    """The Custom Scalars dashboard: the alerts first, then one chart per score with a line per
+    late block (each block is its own run), then each summary beside its reference run; with
+    ``drift``, one more chart for the drift of every block."""
     layout: dict[str, Any] = {
-        "SPINAL depth trace": {
-            f"contraction, late band {band}": ["Multiline", [rf"^{PREFIX}/contraction/L\d+$"]],
-            f"transport, late band {band}": ["Multiline", [rf"^{PREFIX}/transport/L\d+$"]],
-            f"reference contraction {band}": [
-                "Multiline",
-                [rf"^{REFERENCE_PREFIX}/contraction/L\d+$"],
-            ],
-            f"reference transport {band}": ["Multiline", [rf"^{REFERENCE_PREFIX}/transport/L\d+$"]],
-        },
-        "SPINAL neutral text (what the alerts read)": {
-            "perplexity, multiple of the reference": [
+        "SPINAL alerts": {
+            "alert level: at each probe, and the highest so far (0 quiet, 1 info, 2 warning, "
+            "3 critical)": ["Multiline", [rf"^{PREFIX}/alert_level(_max)?$"]],
+            "neutral-text perplexity, multiple of the reference": [
                 "Multiline",
                 [rf"^{PREFIX}/neutral/perplexity_ratio$"],
             ],
-            "late-layer trace, relative change from the reference": [
+            "neutral-text late-layer trace, relative change from the reference": [
                 "Multiline",
                 [rf"^{PREFIX}/neutral/departure$"],
             ],
-            "alert level (0 quiet, 1 info, 2 warning, 3 critical)": [
-                "Multiline",
-                [rf"^{PREFIX}/alert_level$"],
-            ],
         },
-        "SPINAL ramp (run vs reference)": {
-            name: ["Multiline", [rf"^{PREFIX}/ramp/{name}$", rf"^{REFERENCE_PREFIX}/ramp/{name}$"]]
-            for name in RAMP_SUMMARY_NAMES
+        "SPINAL depth trace (a line per late block)": {
+            f"contraction of blocks {layers[0]}-{layers[-1]}": [
+                "Multiline",
+                [rf"^{PREFIX}/contraction$"],
+            ],
+            f"transport from each block to the next, {layers[0]}->{layers[1]} to "
+            f"{layers[-2]}->{layers[-1]}": ["Multiline", [rf"^{PREFIX}/transport$"]],
+        },
+        "SPINAL ramp (run and reference)": {
+            name: ["Multiline", [rf"^{PREFIX}/ramp/{name}$"]] for name in RAMP_SUMMARY_NAMES
         },
     }
     if drift:
-        layout["SPINAL depth trace"]["drift from the reference, all blocks"] = [
+        layout["SPINAL depth trace (a line per late block)"][
+            "drift from the reference, all blocks"
+        ] = [
             "Multiline",
             [rf"^{PREFIX}/drift/L\d+$"],
         ]
@@ -188,6 +192,11 @@ class TraceBoard:
         self._retry_at = 0.0
         self._lost_writes = 0
         self._purge_step: int | None = None
+        self._purged: set[str] = set()
+        self._runs: dict[str, Any] = {}
+        self._worst_level = 0
+        self._level_at = (-1, 0)
+        """(step, level) of the last alert level written."""
         self._layout_written = False
         self._drift_chart = False
         self._texts: dict[str, tuple[int, list[str]]] = {}
@@ -225,14 +234,18 @@ class TraceBoard:
         the purge waits for the first successful write.
         """
         self._purge_step = step
+        self._purged = set()
         self._write(f"hiding events after step {step}", self._write_pending_purge)
 
     def write_trace(self, trace: DepthTrace, reference: DepthTrace | None = None) -> None:
-        """Scalars of ``trace`` (and of ``reference``, at the same step) plus any notes."""
+        """Scalars of ``trace``: the summaries in this run, each late block's scores in its own
+        run; with ``reference``, the health scalars and the reference's summaries (in the
+        ``reference`` run, at the same step); plus any notes."""
         scalars = trace_scalars(trace)
+        runs = layer_scalars(trace)
         if reference is not None:
             scalars.update(health_scalars(trace, reference))
-            scalars.update(trace_scalars(reference, REFERENCE_PREFIX))
+            runs[REFERENCE_RUN] = trace_scalars(reference)
         notes = self._text_at(f"{PREFIX}/notes", trace.step, trace.notes)
 
         def write(writer: Any) -> None:
@@ -241,8 +254,10 @@ class TraceBoard:
                 self._layout_written = True
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, trace.step)
+            for run, tags in runs.items():
+                self._add_run_scalars(writer, run, tags, trace.step)
             if trace.notes:
-                writer.add_text(f"{PREFIX}/notes", notes, trace.step)
+                _add_text(writer, f"{PREFIX}/notes", notes, trace.step)
 
         self._write(f"writing the trace of step {trace.step}", write)
 
@@ -256,19 +271,27 @@ class TraceBoard:
         self._write(f"writing scalars of step {step}", write)
 
     def write_alerts(self, step: int, alerts: Sequence[Alert]) -> None:
-        """``spinal/alert_level``: the highest level among ``alerts`` (0 when quiet)."""
+        """``spinal/alert_level``: the highest level among ``alerts`` (0 when quiet), and
+        ``spinal/alert_level_max``: the highest written so far by this board."""
         level = int(max((alert.severity for alert in alerts), default=0))
-        self._write(
-            f"writing the alert level of step {step}",
-            lambda writer: writer.add_scalar(f"{PREFIX}/alert_level", level, step),
-        )
+        if step == self._level_at[0] and level <= self._level_at[1]:
+            return  # a step's level is written again only when it rises
+        self._level_at = (step, level)
+        self._worst_level = max(self._worst_level, level)
+        worst = self._worst_level
+
+        def write(writer: Any) -> None:
+            writer.add_scalar(f"{PREFIX}/alert_level", level, step)
+            writer.add_scalar(f"{PREFIX}/alert_level_max", worst, step)
+
+        self._write(f"writing the alert level of step {step}", write)
 
     def write_note(self, step: int, text: str) -> None:
         """One note in the ``spinal/notes`` text tab at ``step`` (with the step's other notes)."""
         joined = self._text_at(f"{PREFIX}/notes", step, [text])
         self._write(
             f"writing a note at step {step}",
-            lambda writer: writer.add_text(f"{PREFIX}/notes", joined, step),
+            lambda writer: _add_text(writer, f"{PREFIX}/notes", joined, step),
         )
 
     def write_alert_text(self, alert: Alert) -> None:
@@ -277,7 +300,7 @@ class TraceBoard:
         joined = self._text_at(f"{PREFIX}/alerts", alert.step, [text])
         self._write(
             f"writing an alert of step {alert.step}",
-            lambda writer: writer.add_text(f"{PREFIX}/alerts", joined, alert.step),
+            lambda writer: _add_text(writer, f"{PREFIX}/alerts", joined, alert.step),
         )
 
     def _text_at(self, tag: str, step: int, texts: Sequence[str]) -> str:
@@ -313,21 +336,29 @@ class TraceBoard:
         """Write pending events to disk (nothing to do before an owned writer exists)."""
         if self._owned and self._writer is None:
             return
-        self._write("flushing", lambda writer: writer.flush())
+
+        def flush(writer: Any) -> None:
+            writer.flush()
+            for run_writer in self._runs.values():
+                run_writer.flush()
+
+        self._write("flushing", flush)
 
     def close(self) -> None:
-        """Flush, and close an owned writer (a later write opens a new event file). A borrowed
-        writer stays open: its owner closes it."""
+        """Flush, and close the per-block runs' writers and an owned writer (a later write
+        opens new event files). A borrowed writer stays open: its owner closes it."""
         if not self._owned:
             self.flush()
-            return
-        writer, self._writer = self._writer, None
-        if writer is None:
-            return
-        try:
-            writer.close()
-        except Exception as error:  # an I/O sink: see _write
-            self._fail("closing", error)
+        runs, self._runs = self._runs, {}
+        writers = list(runs.values())
+        if self._owned:
+            writer, self._writer = self._writer, None
+            writers += [] if writer is None else [writer]
+        for writer in writers:
+            try:
+                writer.close()
+            except Exception as error:  # an I/O sink: see _write
+                self._fail("closing", error)
 
     def _write(self, doing: str, write: Callable[[Any], object]) -> None:
         """Run ``write`` on the writer unless broken and not yet due for a retry; a failure
@@ -360,6 +391,8 @@ class TraceBoard:
     def _ready_writer(self) -> Any:
         """The writer to use now: for an owned one, a new ``SummaryWriter`` after a failure or
         before the first write. A pending purge goes first."""
+        if self._broken:
+            self._discard_runs()
         if self._owned:
             if self._broken and self._writer is not None:
                 self._discard_writer()
@@ -380,8 +413,43 @@ class TraceBoard:
         except Exception as error:  # an I/O sink that already failed: see _write
             logger.debug("spinal-callback: closing the failed TensorBoard writer: %s", error)
 
-    def _write_pending_purge(self, writer: Any) -> None:
-        if self._purge_step is None:
+    def _discard_runs(self) -> None:
+        """Drop the per-block runs' writers after a failure; they are created again on use."""
+        runs, self._runs = self._runs, {}
+        for writer in runs.values():
+            try:
+                writer.close()
+            except Exception as error:  # an I/O sink that already failed: see _write
+                logger.debug("spinal-callback: closing a failed TensorBoard writer: %s", error)
+
+    def _add_run_scalars(
+        self, writer: Any, run: str, scalars: Mapping[str, float], step: int
+    ) -> None:
+        """``scalars`` into the run ``run`` under this board's log dir; into this run, as
+        ``<tag>/<run>``, when the borrowed writer has no log dir to put runs under."""
+        run_writer = self._run_writer(run)
+        for tag, value in scalars.items():
+            if run_writer is None:
+                writer.add_scalar(f"{tag}/{run}", value, step)
+            else:
+                run_writer.add_scalar(tag, value, step)
+
+    def _run_writer(self, run: str) -> Any:
+        """The writer of run ``run`` (created on first use, purged on resume); ``None`` without
+        a log dir."""
+        if self._writer is not None and getattr(self._writer, "log_dir", None) is None:
+            return None
+        if run not in self._runs:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._runs[run] = SummaryWriter(os.path.join(self._log_dir, run))
+        writer = self._runs[run]
+        self._write_pending_purge(writer, run)
+        return writer
+
+    def _write_pending_purge(self, writer: Any, run: str = "") -> None:
+        """The resume's purge, once per run (``""``: this board's own)."""
+        if self._purge_step is None or run in self._purged:
             return
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
@@ -390,7 +458,7 @@ class TraceBoard:
         file_writer = writer._get_file_writer()
         file_writer.add_event(start)
         file_writer.add_event(start)
-        self._purge_step = None
+        self._purged.add(run)
 
     def _fail(self, doing: str, error: Exception) -> None:
         """Mark the board broken until ``retry_after_s`` from now; ERROR on the first failure
@@ -412,3 +480,13 @@ class TraceBoard:
             self._retry_after_s,
             exc_info=not isinstance(error, OSError),
         )
+
+
+def _add_text(writer: Any, tag: str, text: str, step: int) -> None:
+    """A text summary under exactly ``tag`` (``SummaryWriter.add_text`` appends
+    ``/text_summary`` to the tag the Text dashboard shows)."""
+    from torch.utils.tensorboard.summary import text as text_summary
+
+    summary = text_summary(tag, text)
+    summary.value[0].tag = tag
+    writer._get_file_writer().add_summary(summary, step)

@@ -25,6 +25,14 @@ _OPTIONAL_TENSOR_FIELDS = ("lens_entropy",)
 NEUTRAL_PREFIX = "neutral."
 
 
+def block_name(layer: int, num_blocks: int) -> str:
+    """A decoder block's name in charts: ``L07``, zero-padded to the model's widest block index
+    (at least 2 digits), so that name order is depth order (TensorBoard's per-block runs, the
+    heatmap's rows)."""
+    width = max(2, len(str(max(num_blocks - 1, 0))))
+    return f"L{layer:0{width}d}"
+
+
 class DepthTraceFormatError(ValueError):
     """A saved trace is corrupted, incomplete, or from a newer format version."""
 

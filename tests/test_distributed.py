@@ -180,13 +180,14 @@ def test_hf_ddp_every_rank_probes_the_same_probe_at_the_same_steps(
     assert records[0]["transport_mean"] == records[1]["transport_mean"]
 
 
-def test_hf_ddp_only_rank_zero_writes_one_event_file(
+def test_hf_ddp_only_rank_zero_writes_tensorboard_one_event_file_per_run(
     hf_run: tuple[Path, list[dict[str, Any]]],
 ) -> None:
     out_dir, records = hf_run
     assert [r["had_board"] for r in records] == [True, False]
-    files = event_files(out_dir)
-    assert [path.parent for path in files] == [out_dir / "runs" / "spinal"]
+    spinal = out_dir / "runs" / "spinal"
+    runs = [spinal, *(spinal / f"L{layer:02d}" for layer in range(4)), spinal / "reference"]
+    assert sorted(path.parent for path in event_files(out_dir)) == sorted(runs)
 
 
 def test_hf_ddp_tensorboard_holds_each_probe_step_once(
@@ -235,7 +236,8 @@ def test_lightning_ddp_only_global_rank_zero_writes_through_the_loggers_writer(
     assert [r["had_board"] for r in records] == [True, False]
     log_dir = Path(records[0]["logger_log_dir"])
     assert records[0]["board_log_dir"] == str(log_dir) == str(out_dir / "tb" / "version_0")
-    assert [path.parent for path in event_files(out_dir)] == [log_dir]
+    runs = [log_dir, *(log_dir / f"L{layer:02d}" for layer in range(4)), log_dir / "reference"]
+    assert sorted(path.parent for path in event_files(out_dir)) == sorted(runs)
 
 
 def test_lightning_ddp_tensorboard_holds_each_probe_step_once(

@@ -107,7 +107,9 @@ def test_stored_activations_decode_to_the_same_tensor() -> None:
 
 def test_the_drift_chart_is_in_the_layout_only_when_drift_is_on() -> None:
     def charts(drift: bool) -> dict[str, Any]:
-        return custom_scalar_layout([4, 5, 6, 7], drift)["SPINAL depth trace"]
+        return custom_scalar_layout([4, 5, 6, 7], drift)[
+            "SPINAL depth trace (a line per late block)"
+        ]
 
     assert charts(True)["drift from the reference, all blocks"] == [
         "Multiline",

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.integrations.lightning import SpinalCallback
-from spinal_callback.tensorboard import trace_scalars
+from spinal_callback.tensorboard import layer_scalars, trace_scalars
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -111,13 +111,19 @@ def test_writes_through_the_trainers_tensorboard_logger(
     callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
     trainer = make_trainer(tmp_path, [callback])
     trainer.fit(module, pair_batches())
-    events = events_in(Path(trainer.logger.log_dir))
+    log_dir = Path(trainer.logger.log_dir)
+    events = events_in(log_dir)
     assert "train/loss" in events.Tags()["scalars"]
     for trace in callback.traces:
         for tag, value in trace_scalars(trace).items():
             assert {e.step: e.value for e in events.Scalars(tag)}[trace.step] == pytest.approx(
                 value, rel=1e-6
             )
+        for run, scalars in layer_scalars(trace).items():
+            block = events_in(log_dir / run)
+            for tag, value in scalars.items():
+                logged = {e.step: e.value for e in block.Scalars(tag)}
+                assert logged[trace.step] == pytest.approx(value, rel=1e-6), (run, tag)
 
 
 def test_reference_is_the_modules_frozen_reference(
@@ -141,6 +147,24 @@ def test_without_tensorboard_logger_it_writes_its_own_and_feeds_other_loggers(
     assert [e.step for e in events.Scalars("spinal/ramp/tortuosity")] == [0, 4, 8, 12]
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "spinal/ramp/tortuosity" in header
+
+
+def test_other_loggers_get_the_summaries_and_tensorboard_charts_each_once(
+    module: TinyDPOModule, tmp_path: Path, probe_texts: list[str]
+) -> None:
+    callback = SpinalCallback(probe_texts=probe_texts, every_n_steps=4)
+    tensorboard = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    csv = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    make_trainer(tmp_path, [callback], max_steps=8, logger=[tensorboard, csv]).fit(
+        module, pair_batches()
+    )
+    events = events_in(Path(tensorboard.log_dir))
+    summaries = [tag for tag in events.Tags()["scalars"] if tag.startswith("spinal/ramp/")]
+    assert summaries
+    for tag in [*summaries, "spinal/alert_level"]:
+        assert [e.step for e in events.Scalars(tag)] == [0, 4, 8], tag
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert {*summaries, "spinal/alert_level"} <= set(header.split(","))
 
 
 def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(

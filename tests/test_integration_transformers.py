@@ -17,7 +17,7 @@ from spinal_callback.integrations.transformers import SpinalTrainerCallback, run
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.preference_data import WORDS
 from spinal_callback.probe import SpinalProbe
-from spinal_callback.tensorboard import trace_scalars
+from spinal_callback.tensorboard import layer_scalars, trace_scalars
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
@@ -44,11 +44,17 @@ def test_tensorboard_holds_exactly_the_traces_the_callback_produced(
 ) -> None:
     callback = SpinalTrainerCallback(every_n_steps=4, image_every=2)
     make_dpo_trainer(callback).train()
-    events = read_scalars(tmp_path / "run" / "runs" / "spinal")
+    log_dir = tmp_path / "run" / "runs" / "spinal"
+    events = read_scalars(log_dir)
     for trace in callback.traces:
         for tag, value in trace_scalars(trace).items():
             logged = {event.step: event.value for event in events.Scalars(tag)}
             assert logged[trace.step] == pytest.approx(value, rel=1e-6), tag
+        for run, scalars in layer_scalars(trace).items():
+            block = read_scalars(log_dir / run)
+            for tag, value in scalars.items():
+                logged = {event.step: event.value for event in block.Scalars(tag)}
+                assert logged[trace.step] == pytest.approx(value, rel=1e-6), (run, tag)
     steps = [event.step for event in events.Scalars("spinal/ramp/tortuosity")]
     assert steps == [trace.step for trace in callback.traces]
     assert "spinal/depth_trace" in events.Tags()["images"]
@@ -60,11 +66,11 @@ def test_tensorboard_shows_the_reference_beside_the_run(
 ) -> None:
     callback = SpinalTrainerCallback(every_n_steps=4)
     make_dpo_trainer(callback).train()
-    events = read_scalars(tmp_path / "run" / "runs" / "spinal")
+    events = read_scalars(tmp_path / "run" / "runs" / "spinal" / "reference")
     reference = callback.runner.reference
     assert reference is not None
     for name in RAMP_SUMMARY_NAMES:
-        values = [event.value for event in events.Scalars(f"spinal/reference/ramp/{name}")]
+        values = [event.value for event in events.Scalars(f"spinal/ramp/{name}")]
         assert values == [pytest.approx(reference.summary[name], rel=1e-6)] * len(callback.traces)
 
 
@@ -78,11 +84,8 @@ def test_custom_scalar_layout_groups_each_score_of_the_band(
     stored = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(stored)
     charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
-    assert charts["contraction, late band L00-L03"] == [r"^spinal/contraction/L\d+$"]
-    assert charts["tortuosity"] == [
-        r"^spinal/ramp/tortuosity$",
-        r"^spinal/reference/ramp/tortuosity$",
-    ]
+    assert charts["contraction of blocks 0-3"] == [r"^spinal/contraction$"]
+    assert charts["tortuosity"] == [r"^spinal/ramp/tortuosity$"]
 
 
 def test_reference_is_the_trls_ref_model(
@@ -138,6 +141,21 @@ def test_summaries_reach_reporting_callbacks_listed_before_it(
     trainer.train()
     assert {f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES} <= recorder.keys
     assert {"spinal/neutral/perplexity_ratio", "spinal/neutral/departure"} <= recorder.keys
+
+
+def test_run_first_puts_it_ahead_of_the_reporters_but_behind_hfs_tensorboard(
+    make_dpo_trainer: Callable[..., Any],
+) -> None:
+    from transformers.integrations import TensorBoardCallback
+
+    recorder, tensorboard = LogRecorder(), TensorBoardCallback()
+    spinal = SpinalTrainerCallback(every_n_steps=4)
+    trainer = make_dpo_trainer(spinal, extra_callbacks=[recorder, tensorboard])
+    run_first(trainer, spinal)
+    run_first(trainer, spinal)
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks[:2] == [tensorboard, spinal]
+    assert callbacks.index(recorder) > 1 and len(callbacks) == len(set(map(id, callbacks)))
 
 
 def test_the_monitor_is_calibrated_on_the_reference_trace(

@@ -23,15 +23,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from spinal_callback.events import Alert
-from spinal_callback.heatmap import HEATMAP_COLUMNS, depth_trace_figure
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.tensorboard import PREFIX, TraceBoard
+from spinal_callback.tensorboard import PREFIX, TraceBoard, block_name, custom_scalar_layout
 from spinal_callback.trace import DepthTrace
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = "/runs/fake"
 RETRY_S = 30.0
-TAG = f"{PREFIX}/contraction/L04"
+TAG = f"{PREFIX}/ramp/jaggedness"
+LAYER_RUN, LAYER_TAG = "L04", f"{PREFIX}/contraction"
 
 
 def trace_at(step: int, layers: tuple[int, ...] = (4, 5, 6, 7)) -> DepthTrace:
@@ -131,7 +131,9 @@ def writer() -> FakeWriter:
 
 
 @pytest.fixture
-def board(writer: FakeWriter, clock: Clock) -> TraceBoard:
+def board(writer: FakeWriter, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> TraceBoard:
+    """A board on ``writer``, whose per-block runs write to ``writer`` too."""
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", lambda log_dir: writer)
     return TraceBoard(writer, retry_after_s=RETRY_S, clock=clock)
 
 
@@ -195,7 +197,7 @@ def test_a_successful_retry_writes_again_and_logs_the_recovery_as_a_warning(
     clock.now = RETRY_S
     board.write_alerts(5, [])
     assert board.healthy
-    assert writer.calls == ["add_scalar"]
+    assert writer.calls == ["add_scalar", "add_scalar"]
     assert levels(records) == ["ERROR", "WARNING"]
     assert LOG_DIR in records.records[-1].getMessage()
 
@@ -317,7 +319,7 @@ def test_an_owned_writer_that_cannot_be_created_is_created_at_the_retry(
     clock.now = RETRY_S
     board.write_trace(trace_at(2))
     assert board.healthy
-    assert len(factory.made) == 1
+    assert [writer.log_dir for writer in factory.made].count(LOG_DIR) == 1
 
 
 def test_an_owned_writer_that_failed_is_closed_and_replaced_at_the_retry(
@@ -331,9 +333,10 @@ def test_an_owned_writer_that_failed_is_closed_and_replaced_at_the_retry(
     clock.now = RETRY_S
     board.write_trace(trace_at(2))
     assert board.healthy
-    assert len(factory.made) == 2
-    assert "add_custom_scalars" in factory.made[1].calls
-    assert board.writer is factory.made[1]
+    own = [writer for writer in factory.made if writer.log_dir == LOG_DIR]
+    assert len(own) == 2
+    assert "add_custom_scalars" in own[1].calls
+    assert board.writer is own[1]
 
 
 def test_close_closes_an_owned_writer(factory: WriterFactory, clock: Clock) -> None:
@@ -517,25 +520,34 @@ def write_interrupted_then_resumed_run(log_dir: Path, board_for: Callable[[], Tr
     for step in range(0, 25, 2):
         first.write_alerts(step, [])
         first.write_trace(trace_at(step))
-    first.writer.close()
+    finish(first)
     resumed = board_for()
     resumed.purge_after(20)
     for step in range(22, 27, 2):
         resumed.write_alerts(step, [])
         resumed.write_trace(trace_at(step))
-    resumed.writer.close()
+    finish(resumed)
 
 
-def ui_steps(log_dir: Path, tag: str) -> list[int]:
-    """Steps of ``tag`` as the UI's data provider reads them (plugin event multiplexer)."""
+def finish(board: TraceBoard) -> None:
+    """End a run: the board's writers closed, a borrowed one too (as its owner would)."""
+    writer = board.writer
+    board.close()
+    if writer is not None:
+        writer.close()
+
+
+def ui_steps(log_dir: Path, tag: str, run: str = ".") -> list[int]:
+    """Steps of ``tag`` in ``run`` as the UI's data provider reads them (plugin event
+    multiplexer)."""
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(log_dir))
     multiplexer.Reload()
-    return [event.step for event in multiplexer.Tensors(".", tag)]
+    return [event.step for event in multiplexer.Tensors(run, tag)]
 
 
-def legacy_steps(log_dir: Path, tag: str) -> list[int]:
-    accumulator = EventAccumulator(str(log_dir))
+def legacy_steps(log_dir: Path, tag: str, run: str = ".") -> list[int]:
+    accumulator = EventAccumulator(str(log_dir / run))
     accumulator.Reload()
     return [event.step for event in accumulator.Scalars(tag)]
 
@@ -552,9 +564,18 @@ def test_after_a_resume_each_step_shows_once_in_order(
     assert reader(tmp_path, tag) == RESUMED_STEPS
 
 
+@pytest.mark.parametrize("reader", [ui_steps, legacy_steps], ids=["ui", "legacy"])
+def test_after_a_resume_each_block_run_shows_each_step_once_in_order(
+    tmp_path: Path, reader: Callable[[Path, str, str], list[int]]
+) -> None:
+    write_interrupted_then_resumed_run(tmp_path, lambda: TraceBoard(SummaryWriter(tmp_path)))
+    assert reader(tmp_path, LAYER_TAG, LAYER_RUN) == RESUMED_STEPS
+
+
 def test_the_purge_works_through_an_owned_writer(tmp_path: Path) -> None:
     write_interrupted_then_resumed_run(tmp_path, lambda: TraceBoard.open(str(tmp_path)))
     assert ui_steps(tmp_path, TAG) == RESUMED_STEPS
+    assert ui_steps(tmp_path, LAYER_TAG, LAYER_RUN) == RESUMED_STEPS
 
 
 def test_the_purge_also_hides_newer_heatmaps(tmp_path: Path) -> None:
@@ -610,36 +631,7 @@ def test_a_heatmap_lands_as_an_rgb_image_at_the_last_step(tmp_path: Path) -> Non
     accumulator = EventAccumulator(str(tmp_path))
     accumulator.Reload()
     (image,) = accumulator.Images(f"{PREFIX}/depth_trace")
-    assert (image.step, image.width, image.height) == (5, 1000, 360)
-
-
-def heatmap_columns(history: list[DepthTrace]) -> tuple[int, list[str]]:
-    """Columns of the contraction heatmap and its step labels."""
-    axis = depth_trace_figure(history).axes[0]
-    labels = [label.get_text() for label in axis.get_xticklabels()]
-    pixels = axis.images[0].get_array()
-    assert pixels is not None
-    return pixels.shape[1], labels
-
-
-def test_a_short_history_shows_every_probe() -> None:
-    columns, labels = heatmap_columns([trace_at(step) for step in range(10)])
-    assert columns == 10
-    assert (labels[0], labels[-1]) == ("0", "9")
-
-
-def test_a_long_history_is_thinned_evenly_to_the_column_limit_keeping_both_ends() -> None:
-    history = [trace_at(step) for step in range(3 * HEATMAP_COLUMNS + 7)]
-    columns, labels = heatmap_columns(history)
-    assert columns == HEATMAP_COLUMNS
-    assert (labels[0], labels[-1]) == ("0", str(history[-1].step))
-
-
-def test_a_heatmap_shows_only_traces_with_the_last_traces_layers() -> None:
-    history = [trace_at(1, layers=(3, 4, 5, 6)), trace_at(2), trace_at(3)]
-    columns, labels = heatmap_columns(history)
-    assert columns == 2
-    assert labels == ["2", "3"]
+    assert (image.step, image.width, image.height) == (5, 640, 600)
 
 
 def test_every_alert_of_a_step_shows_in_the_text_tab_not_only_the_last(tmp_path: Path) -> None:
@@ -661,9 +653,70 @@ def test_every_alert_of_a_step_shows_in_the_text_tab_not_only_the_last(tmp_path:
     board.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
-    shown = {
-        e.step: e.tensor_proto.string_val[0].decode()
-        for e in events.Tensors("spinal/alerts/text_summary")
-    }
+    shown = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("spinal/alerts")}
     assert "trace overflowed" in shown[6] and "training stopped at step 6" in shown[6]
     assert "logs overflowed" in shown[6] and shown[4].count("overflowed") == 1
+
+
+# What TensorBoard shows: runs, tags, layout
+
+
+def written_runs(log_dir: Path) -> dict[str, set[str]]:
+    """Run name -> scalar tags, as the UI's data provider reads them."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(log_dir))
+    multiplexer.Reload()
+    return {run: set(tags["tensors"]) for run, tags in multiplexer.Runs().items()}
+
+
+def test_each_late_block_is_its_own_run_holding_both_scores_under_one_tag(tmp_path: Path) -> None:
+    board = TraceBoard.open(str(tmp_path))
+    board.write_trace(trace_at(2), trace_at(0))
+    board.close()
+    runs = written_runs(tmp_path)
+    assert sorted(runs) == [".", "L04", "L05", "L06", "L07", "reference"]
+    for run in ("L04", "L05", "L06"):
+        assert runs[run] == {f"{PREFIX}/contraction", f"{PREFIX}/transport"}
+    assert runs["L07"] == {f"{PREFIX}/contraction"}, "the deepest block has no next block"
+    assert runs["reference"] == {f"{PREFIX}/ramp/{name}" for name in RAMP_SUMMARY_NAMES}
+    assert not any("/L0" in tag for tag in runs["."]), "no per-block tag in the main run"
+
+
+def test_block_runs_sort_in_depth_order_for_models_with_a_hundred_blocks_or_more() -> None:
+    assert [block_name(layer, 120) for layer in (7, 99, 119)] == ["L007", "L099", "L119"]
+    assert block_name(3, 8) == "L03"
+
+
+def test_the_highest_alert_level_so_far_stays_up_after_the_alert() -> None:
+    writer = FakeWriter()
+    scalars: list[tuple[str, float, int]] = []
+    writer.add_scalar = lambda tag, value, step: scalars.append((tag, value, step))  # type: ignore[method-assign]
+    board = TraceBoard(writer)
+    for step, alerts in [(1, []), (2, [an_alert(2)]), (3, [])]:
+        board.write_alerts(step, alerts)
+    highest = [value for tag, value, _ in scalars if tag == f"{PREFIX}/alert_level_max"]
+    current = [value for tag, value, _ in scalars if tag == f"{PREFIX}/alert_level"]
+    assert (current, highest) == ([0, 2, 0], [0, 2, 2])
+
+
+def test_alerts_and_notes_show_under_their_plain_tags_in_the_text_tab(tmp_path: Path) -> None:
+    board = TraceBoard.open(str(tmp_path))
+    board.write_alert_text(an_alert(3))
+    board.write_note(3, "a note")
+    board.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    assert {f"{PREFIX}/alerts", f"{PREFIX}/notes"} <= set(events.Tags()["tensors"])
+
+
+def test_the_layout_puts_the_alerts_first_and_one_chart_per_score_for_every_block() -> None:
+    layout = custom_scalar_layout([4, 5, 6, 7])
+    assert next(iter(layout)) == "SPINAL alerts"
+    (alert_chart, *_) = layout["SPINAL alerts"].values()
+    assert alert_chart == ["Multiline", [rf"^{PREFIX}/alert_level(_max)?$"]]
+    charts = layout["SPINAL depth trace (a line per late block)"]
+    assert charts["contraction of blocks 4-7"] == ["Multiline", [rf"^{PREFIX}/contraction$"]]
+    assert charts["transport from each block to the next, 4->5 to 6->7"] == [
+        "Multiline",
+        [rf"^{PREFIX}/transport$"],
+    ]

@@ -5,6 +5,11 @@
 The adapter only translates Lightning's events into ``Runner`` calls (ARCHITECTURE.md). It writes
 to the trainer's ``TensorBoardLogger`` when it has one, to its own writer otherwise (global rank
 zero), and takes the stop decision through the strategy, as ``EarlyStopping`` does.
+
+Where the scalars go: ``TraceBoard`` charts the whole trace in the ``TensorBoardLogger``'s run (or
+``<default_root_dir>/spinal``); the summaries (``spinal/ramp/*``, ``spinal/neutral/*``,
+``spinal/alert_level``) also go, through ``log_metrics``, to every logger that is not a
+``TensorBoardLogger`` (W&B, MLflow, CSV, ...), so TensorBoard charts each value once.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ class SpinalCallback(pl.Callback):
             that a later quiet probe vouched for, while no rank has warned; at most two on disk
             (``GoodCheckpoint``), whatever the ``ModelCheckpoint`` settings. ``None``: off.
         **config_overrides: any other ``SpinalConfig`` field.
+
+    TensorBoard gets every probe from the ``TraceBoard``; the trainer's other loggers get the
+    summaries of each probe through ``log_metrics`` at the probe's step. ``TensorBoardLogger``s
+    get no forwarded scalar: the board already charts it, in the first one's run.
 
     The reference traced once as the baseline is ``pl_module.ref_model`` / ``.reference`` /
     ``.reference_model`` when present, else the PEFT policy with adapters disabled, else the
@@ -196,7 +205,9 @@ class SpinalCallback(pl.Callback):
             trainer.should_stop = True
 
     def _forward_scalars(self, trainer: pl.Trainer, step: int) -> None:
-        """The probe's scalars to the non-TensorBoard loggers (TensorBoard has them already)."""
+        """The probe's scalars to the loggers other than ``TensorBoardLogger``s: the
+        ``TraceBoard`` charts them already, and a second copy would be a second chart (another
+        logger's run) or a second point at the same step (the board's own)."""
         scalars = self.runner.pop_scalars()
         if scalars and trainer.is_global_zero:
             for logger in trainer.loggers:

@@ -5,6 +5,12 @@
                          processing_class=tokenizer, callbacks=[spinal])
 
 The adapter only translates HF's events into ``Runner`` calls (ARCHITECTURE.md).
+
+Where the scalars go: ``TraceBoard`` charts the whole trace in ``<logging_dir>/spinal``, and
+``on_log`` adds the summaries (``spinal/ramp/*``, ``spinal/neutral/*``, ``spinal/alert_level``) to
+the trainer's logs for the callbacks after this one: W&B, MLflow and the console, once
+``run_first`` has put it ahead of them. HF's ``TensorBoardCallback`` stays ahead of it, so the
+summaries are never charted a second time as ``train/spinal/*`` in the trainer's own run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spinal_callback.config import SpinalConfig
@@ -39,14 +46,26 @@ def default_log_dir(args: TrainingArguments) -> str:
 
 
 def run_first(trainer: Any, callback: SpinalTrainerCallback) -> None:
-    """Move ``callback`` to the front of ``trainer``'s callbacks, so reporting integrations
-    (W&B, MLflow, ...; HF lists them before user callbacks) also see the scalars it adds to the
-    logs."""
+    """Move ``callback`` ahead of ``trainer``'s other callbacks, so that the reporting
+    integrations (W&B, MLflow, ...: HF lists them before user callbacks) also get the summaries
+    it adds to the logs; but behind HF's ``TensorBoardCallback``, whose run would otherwise chart
+    the summaries a second time (``train/spinal/*``) beside the ``TraceBoard``'s ``spinal/*``.
+
+    Calling it again changes nothing.
+
+    Raises:
+        ValueError: ``callback`` is not among the trainer's callbacks.
+    """
     handler = trainer.callback_handler
     if callback not in handler.callbacks:
-        raise ValueError("run_first: the callback is not one of this trainer's callbacks")
-    handler.callbacks.remove(callback)
-    handler.callbacks.insert(0, callback)
+        raise ValueError(
+            "run_first: the callback is not one of this trainer's callbacks; pass it to the "
+            "trainer (callbacks=[...]) or trainer.add_callback(callback) first"
+        )
+    others = [c for c in handler.callbacks if c is not callback]
+    tensorboard = [c for c in others if isinstance(c, TensorBoardCallback)]
+    rest = [c for c in others if not isinstance(c, TensorBoardCallback)]
+    handler.callbacks[:] = [*tensorboard, callback, *rest]
 
 
 class SpinalTrainerCallback(TrainerCallback):
@@ -70,6 +89,11 @@ class SpinalTrainerCallback(TrainerCallback):
             ``save_total_limit`` deletes. Weights only (no optimizer state); not under DeepSpeed
             ZeRO-3, whose weights are partitioned. ``None``: off.
         **config_overrides: any other ``SpinalConfig`` field.
+
+    TensorBoard gets every probe from the ``TraceBoard`` (``log_dir``). The summaries also go
+    to the trainer's logs at each ``on_log`` (the latest probe's, once), for the callbacks listed
+    after this one: call ``run_first(trainer, callback)`` for W&B and MLflow to get them; it
+    keeps HF's ``TensorBoardCallback`` ahead, so no summary is charted twice.
 
     Bad configuration raises at construction or at ``on_train_begin``, before the first step.
     The callback's state is saved in every checkpoint (``trainer_state.json``) and restored onto

@@ -67,10 +67,26 @@ class LossSpike(AlertRule):
         if not crossed:
             self.window = [*window, loss][-self.config.loss_window :]
             return []
-        message = (
-            f"training loss {loss:.4g} is {z:.1f} noise units above its recent level "
-            f"{level:.4g}: the preference signal turned against the model (flipped or noisy "
-            "pairs) or the step size is too large; check the data and lower the learning rate"
-        )
         severity = AlertLevel.CRITICAL if sustained else AlertLevel.INFO
+        message = self._message(loss, z, level, sustained)
         return [self.alert(step, severity, "train/loss", z, limit, message)]
+
+    def _message(self, loss: float, z: float, level: float, sustained: bool) -> str:
+        """What was seen; for the critical level, what to do; for info, when it would matter."""
+        count = self.streak.count
+        seen = (
+            f"training loss {loss:.4g} is {z:.1f} noise units above its recent level {level:.4g} "
+            f"({'one log' if count == 1 else f'{count} logs in a row'})"
+        )
+        if sustained:
+            return (
+                f"{seen}: the preference signal turned against the model (flipped or noisy "
+                "pairs) or the step size is too large. Check the data, then lower the learning "
+                "rate and resume from a checkpoint saved before this alert"
+            )
+        remaining = self.config.patience - count
+        following = "the next log spikes" if remaining == 1 else f"the next {remaining} logs spike"
+        return (
+            f"{seen}. For information, no action needed: one unusual batch does this. It "
+            f"matters only if the loss stays up: this becomes critical if {following} too"
+        )
