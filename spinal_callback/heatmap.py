@@ -1,7 +1,7 @@
 """The depth-trace heatmap: late layers x probe steps, for TensorBoard's Images dashboard.
 
 The image is drawn to be read at the Images card's width (about 400 px): two panels stacked
-(contraction above transport) in a 640 x 600 px figure with 11-12 pt text, the reference trace as
+(contraction above transport) in a 480 x 480 px figure with 11-12 pt text, the reference trace as
 its own column at the left, and a triangle above each probe step that had a warning or critical
 alert.
 """
@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 HEATMAP_COLUMNS = 200
 """Most probes (columns) one depth-trace heatmap shows; longer histories are thinned evenly."""
-FIGURE_INCHES = (6.4, 6.0)
+FIGURE_INCHES = (4.8, 4.8)
 FIGURE_DPI = 100
-"""The image is ``FIGURE_INCHES`` x ``FIGURE_DPI``: 640 x 600 px."""
+"""The image is ``FIGURE_INCHES`` x ``FIGURE_DPI``: 480 x 480 px, shown about 350 px wide on
+TensorBoard's Images cards at their default size."""
 MAX_STEP_LABELS = 8
 """Most step labels under the heatmap; fewer when long step numbers would overlap."""
 MAX_LAYER_LABELS = 10
@@ -40,7 +41,7 @@ LAYER_AXIS_LABEL = "late block"
 ALERT_COLOURS = {AlertLevel.WARNING: "#f28e0b", AlertLevel.CRITICAL: "#d62728"}
 """Colour of the mark above a probe step, by the highest alert level there (info: no mark)."""
 _TICK_PT, _LABEL_PT, _TITLE_PT = 11, 12, 12
-_STEP_AXIS_PX, _DIGIT_PX, _LABEL_GAP_PX = 410, 10, 10
+_STEP_AXIS_PX, _DIGIT_PX, _LABEL_GAP_PX = 280, 10, 10
 """Width of the heatmap's step axis (at least), of one 11 pt digit (at most), and the least gap
 between two step labels, in pixels."""
 _NICE_STRIDES = (1, 2, 5, 10, 20, 25, 50)
@@ -60,7 +61,7 @@ def depth_trace_figure(
     alerts: Sequence[Alert] = (),
     columns: int = HEATMAP_COLUMNS,
 ) -> Figure:
-    """A 640 x 600 px matplotlib ``Figure`` (with an Agg canvas; pyplot untouched) of the
+    """A 480 x 480 px matplotlib ``Figure`` (with an Agg canvas; pyplot untouched) of the
     contraction heatmap above the transport heatmap: rows are late blocks (deepest on top),
     columns probes in step order.
 

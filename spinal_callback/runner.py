@@ -148,6 +148,8 @@ class Runner:
         self.disabled = False
         self.stop_requested: Alert | None = None
         self.stopped = False
+        self.stop_checkpoint: tuple[int, str] | None = None
+        """(step, path) of the checkpoint saved for the stop, once the adapter reports it."""
         self.first_warning_step: int | None = None
         self.checkpoints: list[tuple[int, str]] = []
 
@@ -240,6 +242,8 @@ class Runner:
 
     def saved(self, step: int, path: str) -> None:
         """A checkpoint of the run was written at ``step`` to ``path``."""
+        if self.stopped and self.stop_checkpoint is None:
+            self._report_stop_checkpoint(int(step), str(path))
         self.checkpoints = [c for c in self.checkpoints if c[1] != path]
         self.checkpoints = [*self.checkpoints, (int(step), str(path))][-CHECKPOINTS_KEPT:]
 
@@ -251,6 +255,7 @@ class Runner:
             self._probe(step)
         if self.history.traces:
             self.outputs.heatmap(self.history.traces, self.reference, self.alerts)
+        self._log_summary(step)
         self.outputs.close()
 
     def pop_scalars(self) -> dict[str, float]:
@@ -408,25 +413,68 @@ class Runner:
             if cause is not None
             else "another rank's alert"
         )
+        return (
+            f"training stopped at step {step} by {why}. A checkpoint is saved now; it holds the "
+            f"weights the alert saw. {self._resume_advice()}"
+        )
+
+    def _resume_advice(self) -> str:
+        """Which checkpoint to resume from: the last one saved before the first warning."""
         good = self.last_good_checkpoint()
         if good is not None:
             where = f"Resume from {good[1]} (step {good[0]}), the last checkpoint saved before "
-            where += (
+            return where + (
                 f"the first warning (step {self.first_warning_step})."
                 if self.first_warning_step is not None
                 else "the stop."
             )
-        elif self.first_warning_step is not None:
-            where = (
+        if self.first_warning_step is not None:
+            return (
                 f"No checkpoint was saved before the first warning (step "
                 f"{self.first_warning_step}); save more often (or set stop_on='warning')."
             )
-        else:
-            where = "No checkpoint was saved before the stop."
-        return (
-            f"training stopped at step {step} by {why}. A checkpoint is saved now; it holds the "
-            f"weights the alert saw. {where}"
+        return "No checkpoint was saved before the stop."
+
+    def _report_stop_checkpoint(self, step: int, path: str) -> None:
+        """Where the stop's checkpoint went, in the event log, the text tab and the console."""
+        self.stop_checkpoint = (step, path)
+        message = (
+            f"the stop's checkpoint is {path} (step {step}); it holds the weights the alert "
+            f"saw. {self._resume_advice()}"
         )
+        cause = self.stop_requested
+        self.outputs.record(
+            Alert(
+                step=step,
+                level=cause.level if cause is not None else "critical",
+                rule=TRAINING_STOPPED,
+                metric="spinal/stop_checkpoint",
+                value=float("nan"),
+                threshold=float("nan"),
+                message=message,
+            )
+        )
+        logger.error("spinal-callback: %s", message)
+        self.outputs.flush()
+
+    def _log_summary(self, step: int) -> None:
+        """One console line at train end: the alerts by level and, after a stop, where to go on."""
+        counts = {level: 0 for level in ("critical", "warning", "info")}
+        for alert in self.alerts:
+            counts[alert.level] = counts.get(alert.level, 0) + 1
+        text = (
+            f"{len(self.history.traces)} probes up to step {step}, {len(self.alerts)} alerts ("
+            + ", ".join(f"{count} {level}" for level, count in counts.items())
+            + ")"
+        )
+        if not self.stopped:
+            (logger.warning if self.alerts else logger.info)("spinal-callback: %s", text)
+            return
+        cause = self.stop_requested
+        text += f"; training stopped by {cause.level} {cause.rule}" if cause is not None else ""
+        if self.stop_checkpoint is not None:
+            text += f"; the stop's checkpoint: {self.stop_checkpoint[1]}"
+        logger.error("spinal-callback: %s. %s", text, self._resume_advice())
 
     def _reference_trace(self, step: int) -> DepthTrace | None:
         """The reference traced once: TRL's ``ref_model``, else the PEFT model with adapters off."""

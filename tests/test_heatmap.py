@@ -110,9 +110,9 @@ def alert_marks(figure: Figure) -> dict[int, str]:
 # Size, panels, names
 
 
-def test_the_image_is_640_by_600_rgb_pixels() -> None:
+def test_the_image_is_480_by_480_rgb_pixels() -> None:
     image = figure_pixels(depth_trace_figure(probes(12), trace_at(0), [alert(50, "warning")]))
-    assert (image.shape, image.dtype) == ((600, 640, 3), np.uint8)
+    assert (image.shape, image.dtype) == ((480, 480, 3), np.uint8)
 
 
 def test_contraction_is_stacked_above_transport_sharing_the_step_axis() -> None:

@@ -127,7 +127,43 @@ def test_the_stop_names_the_last_checkpoint_saved_before_the_first_warning(
     assert decisions[-1].stop and trainer.steps_taken == 10
     assert f"Resume from {tmp_path / 'checkpoint-8'} (step 8)" in decisions[-1].message
     records = EventLog(tmp_path / "events.jsonl").read()
-    assert records[-1]["rule"] == "training_stopped" and "checkpoint-8" in records[-1]["message"]
+    stop = next(record for record in records if record["metric"] == "spinal/stop")
+    assert stop["rule"] == "training_stopped" and "checkpoint-8" in stop["message"]
+
+
+def test_after_a_stop_the_saved_checkpoint_and_the_one_to_resume_from_are_reported(
+    llama: PreTrainedModel,
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(llama)
+    trainer = FakeTrainer(runner, llama, tmp_path, losses=lambda s: math.nan if s >= 10 else 0.6)
+    with caplog.at_level(logging.INFO, logger="spinal_callback"):
+        trainer.fit(max_steps=20)
+    saved = EventLog(tmp_path / "events.jsonl").read()[-1]
+    assert saved["rule"] == "training_stopped" and saved["metric"] == "spinal/stop_checkpoint"
+    assert f"the stop's checkpoint is {tmp_path / 'checkpoint-10'} (step 10)" in saved["message"]
+    assert f"Resume from {tmp_path / 'checkpoint-8'} (step 8)" in saved["message"]
+    assert runner.stop_checkpoint == (10, str(tmp_path / "checkpoint-10"))
+    summary = caplog.records[-1]
+    assert summary.levelname == "ERROR"
+    assert "1 alerts (1 critical, 0 warning, 0 info)" in summary.getMessage()
+    assert "training stopped by critical non_finite" in summary.getMessage()
+    assert f"the stop's checkpoint: {tmp_path / 'checkpoint-10'}" in summary.getMessage()
+
+
+def test_a_quiet_run_ends_with_an_info_summary(
+    llama: PreTrainedModel,
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(llama, every_n_steps=3)
+    with caplog.at_level(logging.INFO, logger="spinal_callback"):
+        FakeTrainer(runner, llama, tmp_path).fit(max_steps=6)
+    assert caplog.records[-1].levelname == "INFO"
+    assert "3 probes up to step 6, 0 alerts" in caplog.records[-1].getMessage()
 
 
 def test_stop_on_none_never_calls_the_collective(

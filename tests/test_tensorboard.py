@@ -631,7 +631,7 @@ def test_a_heatmap_lands_as_an_rgb_image_at_the_last_step(tmp_path: Path) -> Non
     accumulator = EventAccumulator(str(tmp_path))
     accumulator.Reload()
     (image,) = accumulator.Images(f"{PREFIX}/depth_trace")
-    assert (image.step, image.width, image.height) == (5, 640, 600)
+    assert (image.step, image.width, image.height) == (5, 480, 480)
 
 
 def test_every_alert_of_a_step_shows_in_the_text_tab_not_only_the_last(tmp_path: Path) -> None:
