@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := spinal_callback tests bench recipes
 
-.PHONY: install lint test test-browser demo bench real-model clean
+.PHONY: install lint test test-dist test-browser demo bench real-model clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The distributed engines for real, two CPU processes over gloo per run: DDP, FSDP and DeepSpeed
+# ZeRO-2/3 (TRL, HF Trainer, Lightning). DeepSpeed is not in the test extra (an sdist that compiles
+# a shared-memory op on first use, ~17 s), so `make test` skips its runs unless it is installed.
+test-dist: install
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,deepspeed]"
+	$(BIN)/pytest tests/test_distributed.py tests/test_engines_*.py
 
 # What a person sees in TensorBoard, in headless Chromium (Debian: apt-get install chromium
 # chromium-driver); the screenshots go to docs/, where the README shows them.

@@ -2,6 +2,11 @@
 
 Shared by ``SpinalProbe`` (late blocks) and ``drift`` (every block). The caller picks the grad,
 eval and autocast modes with ``eval_mode`` and ``autocast_context``.
+
+Under DeepSpeed ZeRO-3 the forward is not stopped: the engine's forward hooks keep state (its
+"in forward" flag, which makes any read of a partitioned parameter gather it on the spot, its
+parameter coordinator and timers) that only the end of the forward clears. Such a forward runs to
+the end, computing the logits of one position only where the model allows it (``logits_to_keep``).
 """
 
 from __future__ import annotations
@@ -39,11 +44,13 @@ def capture_block_outputs(
     layers: Sequence[int],
     selections: Sequence[Tensor],
 ) -> list[Tensor]:
-    """Run ``parts.entry(**inputs, use_cache=False)`` with forward hooks on blocks ``layers``.
+    """Run ``parts.forward_entry()(**inputs, use_cache=False)`` with forward hooks on blocks
+    ``layers``.
 
-    The forward stops after the deepest hooked block (nothing after it runs) and every hook is
-    removed afterwards, also when the forward raises. The caller chooses grad, eval and autocast
-    modes.
+    The forward stops after the deepest hooked block (nothing after it runs), except under
+    DeepSpeed ZeRO-3 (``ModelParts.zero3_partitioned``), where it runs to the end so that the
+    engine's end-of-forward hooks clear its state. Every hook is removed afterwards, also when
+    the forward raises. The caller chooses grad, eval and autocast modes.
 
     Args:
         parts: the resolved model.
@@ -59,25 +66,35 @@ def capture_block_outputs(
     """
     captured: dict[int, list[Tensor]] = {}
     last = max(layers)
+    stop = not parts.zero3_partitioned
 
     def hook_for(layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             flat = hidden.reshape(-1, hidden.shape[-1])
             captured[layer] = [flat.index_select(0, rows) for rows in selections]
-            if layer == last:
+            if stop and layer == last:
                 raise _StopForward
 
         return hook
 
+    keywords: dict[str, Any] = {"use_cache": False}
+    if not stop:
+        # Untraced, ZeRO-3 releases each module's parameters right after the module ran;
+        # following a training trace it would keep those the trace reuses soon gathered.
+        forget_zero3_trace(parts.model)
+        if "logits_to_keep" in inspect.signature(parts.model.forward).parameters:
+            keywords["logits_to_keep"] = 1
     handles = [parts.blocks[i].register_forward_hook(hook_for(i)) for i in layers]
     try:
-        parts.entry(**inputs, use_cache=False)
+        parts.forward_entry()(**inputs, **keywords)
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
+        if not stop:
+            forget_zero3_trace(parts.model)
     missing = [i for i in layers if i not in captured]
     if missing:
         raise RuntimeError(
@@ -85,6 +102,63 @@ def capture_block_outputs(
             "(early exit or layer dropout): trace blocks that always run (late_layers)"
         )
     return [torch.stack([captured[i][k] for i in layers]) for k in range(len(selections))]
+
+
+def forget_zero3_trace(model: nn.Module) -> None:
+    """Drop DeepSpeed ZeRO-3's module-order trace, before and after a probe's forward.
+
+    ZeRO-3's parameter coordinator records the order in which the first forward (and backward)
+    after a reset calls the modules, and from then on prefetches and releases parameters by that
+    order. A probe's forward (eval, no backward, then the lens calling the norm and head) must
+    neither run to the training trace (it would leave the parameters that the trace's backward
+    reuses soon gathered) nor become the trace (a training step run to the probe's order releases
+    parameters its backward still needs: seen with TRL's fused log-prob head). Invalidated, the
+    trace is re-recorded by the next training step, as DeepSpeed does whenever the module order
+    changes. Every rank probes alike, so the coordinators stay in step. A no-op for a model
+    without ZeRO-3 hooks.
+    """
+    for coordinator in _zero3_coordinators(model):
+        if not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+
+
+def _zero3_coordinators(model: nn.Module) -> list[Any]:
+    """The parameter coordinators of the DeepSpeed ZeRO-3 engines whose forward hooks sit on
+    ``model``'s modules.
+
+    DeepSpeed keeps no reference from a module to its engine; its per-module forward hooks are
+    closures over the engine's ``DeepSpeedZeRoOffload``, which owns the coordinator.
+    """
+    owners: dict[int, Any] = {}
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            owner = _closure_object_with(hook, "get_param_coordinator")
+            if owner is not None:
+                owners[id(owner)] = owner
+        if owners:
+            break  # every module of one engine is hooked by the same owner
+    return [owner.get_param_coordinator() for owner in owners.values()]
+
+
+def _closure_object_with(function: Any, method: str, depth: int = 3) -> Any:
+    """An object with a callable ``method`` among ``function``'s closure variables, looked for
+    through wrapping decorators (``__wrapped__`` and closures) ``depth`` levels deep."""
+    pending = [(function, 0)]
+    while pending:
+        current, level = pending.pop()
+        inner = getattr(current, "__wrapped__", None)
+        if inner is not None and level < depth:
+            pending.append((inner, level + 1))
+        for cell in getattr(current, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(getattr(value, method, None)):
+                return value
+            if callable(value) and level < depth:
+                pending.append((value, level + 1))
+    return None
 
 
 def autocast_context(

@@ -36,6 +36,7 @@ from spinal_callback.capture import (
 )
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
+from spinal_callback.sharding import root_parameters_whole
 
 logger = logging.getLogger("spinal_callback")
 DRIFT_PREFIX = "spinal/drift"
@@ -74,8 +75,9 @@ def block_outputs(
     inputs = {name: value.to(device) for name, value in forward_inputs(parts, batch).items()}
     layers = list(range(parts.num_blocks))
     autocast = autocast_context(device, autocast_dtype)
-    # no_grad, not inference_mode, for the FSDP reason given in SpinalProbe.run.
-    with eval_mode(parts.entry), torch.no_grad(), autocast:
+    # no_grad, not inference_mode, for the FSDP reason given in SpinalProbe.run; a sharded
+    # root's parameters whole for the forward, on every rank (sharding).
+    with torch.no_grad(), root_parameters_whole(parts.entry), eval_mode(parts.entry), autocast:
         (hidden,) = capture_block_outputs(parts, inputs, layers, [token_index.to(device)])
     return hidden.float()
 

@@ -55,6 +55,9 @@ class ModelParts:
         entry: the module whose forward the probe calls: ``model``, or the outermost FSDP (v1)
             wrapper, whose forward gathers the sharded parameters. Other wrappers are skipped
             so that no DDP collective runs during a probe.
+        outer: the outermost module below the DDP, DeepSpeed and ``torch.compile`` wrappers
+            (a PEFT model, else ``model``): the module a DeepSpeed engine hooks its forward
+            prologue and epilogue onto, which the probe calls under ZeRO-3 (``forward_entry``).
     """
 
     model: nn.Module
@@ -65,10 +68,27 @@ class ModelParts:
     logit_softcap: float | None
     paths: dict[str, str]
     entry: nn.Module
+    outer: nn.Module | None = None
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def zero3_partitioned(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 partitions the model's parameters (they carry a ``ds_id``).
+
+        Read at each call, not at setup: Lightning's strategy partitions the model after the
+        callbacks' ``setup``. Reads no parameter's storage.
+        """
+        return any(hasattr(parameter, "ds_id") for parameter in self.model.parameters())
+
+    def forward_entry(self) -> nn.Module:
+        """The module whose forward the probe calls: under ZeRO-3 the module the engine wraps
+        (``outer``), whose hooks start and end the engine's forward; else ``entry``."""
+        if self.outer is not None and self.zero3_partitioned:
+            return self.outer
+        return self.entry
 
     def lens_logits(self, hidden: Tensor, head_weight: Tensor | None = None) -> Tensor:
         """Logit lens: ``[..., d]`` block outputs to ``[..., V]`` logits, in the head's dtype.
@@ -92,9 +112,10 @@ class ModelParts:
     def head_weight_as(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """The head's weight cast to ``dtype``, when the head is a plain ``nn.Linear`` whose
         whole ``[V, d]`` weight is materialised on ``device``; else ``None`` (a sharded,
-        offloaded or unusual head is called as a module, so its engine's hooks run)."""
+        offloaded, ZeRO-3 partitioned or unusual head is called as a module, so its engine's
+        hooks gather and release it)."""
         head = self.head
-        if type(head) is not nn.Linear:
+        if type(head) is not nn.Linear or self.zero3_partitioned:
             return None
         weight = head.weight
         if type(weight) not in (nn.Parameter, Tensor) or weight.device != device:
@@ -124,6 +145,13 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
 def peft_model_in(model: nn.Module) -> nn.Module | None:
     """The PEFT model among ``model``'s wrappers, if any (it can switch its adapters off)."""
     return next((m for m in wrapper_chain(model) if type(m).__name__.startswith("Peft")), None)
+
+
+def _is_engine_wrapper(module: nn.Module) -> bool:
+    """DDP, ``DataParallel``, a DeepSpeed engine or a ``torch.compile`` wrapper: modules whose
+    forward adds collectives or compilation around the model's own."""
+    name = type(module).__name__
+    return name.endswith("DataParallel") or name in ("DeepSpeedEngine", "OptimizedModule")
 
 
 def _wrapped_module(model: nn.Module) -> nn.Module | None:
@@ -175,6 +203,7 @@ def resolve_model_parts(
         logit_softcap=float(softcap) if softcap else None,
         paths={"blocks": found_blocks, "final_norm": found_norm, "head": found_head},
         entry=next((m for m in chain if type(m).__name__ == "FullyShardedDataParallel"), inner),
+        outer=next(m for m in chain if not _is_engine_wrapper(m)),
     )
 
 

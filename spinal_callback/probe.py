@@ -39,6 +39,7 @@ from spinal_callback.metrics import (
 )
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
+from spinal_callback.sharding import root_parameters_whole
 from spinal_callback.trace import DepthTrace
 
 __all__ = ["MIN_LATE_BAND", "ProbeBatch", "SpinalProbe", "late_band"]
@@ -150,7 +151,9 @@ class SpinalProbe:
         # no_grad, not inference_mode: FSDP materialises its gathered weights during the first
         # forward, and weights created under inference_mode break the training step after it.
         autocast = autocast_context(device, self.config.autocast_dtype)
-        with eval_mode(self.model), torch.no_grad(), autocast:
+        # root_parameters_whole (FSDP integration): a sharded root's norm and head stay whole
+        # through the lens after the forward; every rank enters it, and it reshards on exit.
+        with torch.no_grad(), root_parameters_whole(self.model), eval_mode(self.model), autocast:
             hidden = self._capture(device)
             scores = [
                 self._scores(hidden[2 * i], hidden[2 * i + 1], group)
@@ -409,9 +412,28 @@ def _hidden_size(parts: ModelParts) -> int:
 
 
 def _vocab_size(parts: ModelParts, hidden: Tensor) -> int:
-    weight = getattr(parts.head, "weight", None)
-    if isinstance(weight, Tensor):
-        return int(weight.shape[0])
+    """The number of logits the head returns, read without touching the head's weight storage:
+    a DeepSpeed ZeRO-3 partitioned weight's local shape is ``[0]`` (its whole shape is
+    ``ds_shape``), and reading it inside an unfinished engine forward would gather it.
+
+    ``hidden``: ``[..., d]`` block outputs; one token of it goes through the lens when neither
+    the head's attributes nor its weight's shape tell the size.
+    """
+    head = parts.head
+    for attribute in ("out_features", "num_embeddings"):
+        value = getattr(head, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    embedding = getattr(head, "embedding", None)  # the tied head of model_access
+    if isinstance(embedding, nn.Embedding):
+        return int(embedding.num_embeddings)
+    # From the registry, not `head.weight`: ZeRO-3's attribute read can gather the parameter.
+    weight = head._parameters.get("weight")
+    shape = getattr(weight, "ds_shape", None)
+    if shape is None and isinstance(weight, Tensor) and weight.dim() == 2:
+        shape = weight.shape
+    if shape is not None and int(shape[0]) > 0:
+        return int(shape[0])
     return int(parts.lens_logits(hidden[:1, :1]).shape[-1])
 
 

@@ -38,6 +38,7 @@ from spinal_callback.model_access import peft_model_in
 from spinal_callback.outputs import AlertHook, Outputs
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.rules.language import has_language
+from spinal_callback.sharding import sharding_root
 from spinal_callback.tensorboard import summary_scalars
 from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS, check_texts
 from spinal_callback.trace import DepthTrace
@@ -327,7 +328,7 @@ class Runner:
         drift_every = self.config.drift_every
         drift_due = drift_every is not None and self.probes_run % drift_every == 0
         self.probes_run += 1
-        trace = None if self.disabled else self._run_safely(step)
+        trace = None if self._probing_off() else self._run_safely(step)
         if trace is None:
             return
         self._baseline_for(trace, step)
@@ -511,34 +512,73 @@ class Runner:
         with peft_model.disable_adapter():  # type: ignore[operator]
             return drift.outputs_of(probe.parts)
 
+    def _probing_off(self) -> bool:
+        """Whether this probe is skipped. A sharded model's probe all-gathers (``sharding``,
+        DeepSpeed ZeRO-3):
+        every rank probes or none does, so the ranks agree, and a rank that switched probing
+        off switches it off everywhere."""
+        if self._sharded():
+            self.disabled = self.reduce_any(self.disabled)
+        return self.disabled
+
+    def _sharded(self) -> bool:
+        """Whether the probe's forward runs collectives: FSDP or ``fully_shard`` gathers, or
+        DeepSpeed ZeRO-3's partitioned parameters."""
+        probe = self.probe
+        if probe is None:
+            return False
+        return sharding_root(probe.model) is not None or probe.parts.zero3_partitioned
+
     def _run_safely(self, step: int) -> DepthTrace | None:
         """Run the probe. Out of memory: retry once with half the batch. Any other error, or a
-        second failure: log it with its traceback and stop probing; training goes on."""
+        second failure: log it with its traceback and stop probing; training goes on.
+
+        Sharded, the ranks retry together and give up together (one failing rank is enough),
+        so that every rank's next probe collectives are the others' too."""
         probe = self._require_setup()
-        try:
-            return probe.run(step)
-        except Exception as error:  # the training run must outlive any probe failure
-            _release_cached_memory()
-            if not is_out_of_memory(error):
-                self._give_up(step, error, "")
+        trace, error = self._attempt(probe, step)
+        out_of_memory = error is not None and is_out_of_memory(error)
+        if self._sharded():
+            out_of_memory = self.reduce_any(out_of_memory)
+            if not out_of_memory and self.reduce_any(error is not None):
+                self._give_up(step, error or _failed_elsewhere(), "")
                 return None
-            first_error = error
+        if not out_of_memory:
+            if error is not None:
+                self._give_up(step, error, "")
+            return trace
         self._raise(
             _probe_alert(
-                step, f"the probe ran out of memory ({first_error!r}); retrying with half the batch"
+                step,
+                f"the probe ran out of memory ({error or _failed_elsewhere()!r}); retrying with "
+                "half the batch",
             )
         )
         try:
             halved = _halved(probe)
-            trace = halved.run(step)
-        except Exception as error:  # as above: never let the probe end training
-            _release_cached_memory()
+        except ValueError as halving_error:
+            halved, trace, error = None, None, halving_error
+        if halved is not None:
+            trace, error = self._attempt(halved, step)
+        if self._sharded() and self.reduce_any(error is not None):
+            error = error or _failed_elsewhere()
+        if error is not None:
             self._give_up(step, error, " again, with half the batch")
             return None
+        assert halved is not None
         self.probe = halved
         if self.reference_probe is not None:
             self.reference_probe = _halved(self.reference_probe)
         return trace
+
+    def _attempt(
+        self, probe: SpinalProbe, step: int
+    ) -> tuple[DepthTrace | None, BaseException | None]:
+        try:
+            return probe.run(step), None
+        except Exception as error:  # the training run must outlive any probe failure
+            _release_cached_memory()
+            return None, error
 
     def _give_up(self, step: int, error: BaseException, when: str) -> None:
         self.disabled = True
@@ -560,6 +600,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text
     )
+
+
+def _failed_elsewhere() -> RuntimeError:
+    return RuntimeError("the probe failed on another rank")
 
 
 def _halved(probe: SpinalProbe) -> SpinalProbe:

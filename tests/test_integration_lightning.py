@@ -372,7 +372,13 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
     records = [
         json.loads(line) for line in (Path(trainer.logger.log_dir) / "spinal_events.jsonl").open()
     ]
-    assert [(r["step"], r["rule"]) for r in records] == [(4, "non_finite"), (4, "training_stopped")]
+    assert [(r["step"], r["rule"]) for r in records] == [
+        (4, "non_finite"),
+        (4, "training_stopped"),
+        (4, "training_stopped"),
+    ]
+    stop_checkpoint = tmp_path / "checkpoints" / "spinal-stop-step=4.ckpt"
+    assert f"the stop's checkpoint is {stop_checkpoint}" in records[-1]["message"]
 
 
 class LossJumpsAt(TinyDPOModule):

@@ -307,8 +307,9 @@ def test_critical_alert_saves_a_checkpoint_and_stops_training(
     assert [r["metric"] for r in records if r["rule"] != "training_stopped"] == [
         a.metric for a in alerts
     ]
-    (stop,) = [r for r in records if r["rule"] == "training_stopped"]
+    stop, saved = [r for r in records if r["rule"] == "training_stopped"]
     assert stop["step"] == 4 and "training stopped at step 4" in stop["message"]
+    assert f"the stop's checkpoint is {tmp_path / 'run' / 'checkpoint-4'}" in saved["message"]
     levels = {e.step: e.value for e in read_scalars(log_dir).Scalars("spinal/alert_level")}
     assert levels[4] == 3.0 and levels[2] == 0.0
 

@@ -28,6 +28,7 @@ from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.common import GoodCheckpoint, rank_event_log, resolve_config
 from spinal_callback.outputs import AlertHook, Outputs
 from spinal_callback.runner import Decision, Runner
+from spinal_callback.sharding import attach_root
 from spinal_callback.tensorboard import TraceBoard
 
 _log = logging.getLogger("spinal_callback")
@@ -139,6 +140,7 @@ class SpinalCallback(pl.Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach_sharding_root(trainer, pl_module)
         board, log_dir, owned = None, self._own_log_dir(trainer), False
         if trainer.is_global_zero:
             board, log_dir, owned = self._board(trainer)
@@ -199,9 +201,9 @@ class SpinalCallback(pl.Callback):
             if promoted is not None:
                 self.runner.saved(promoted, self.keep_good_checkpoint)
         if decision.stop and not trainer.should_stop:
-            trainer.save_checkpoint(
-                os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
-            )
+            path = os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
+            trainer.save_checkpoint(path)
+            self.runner.saved(step, path)
             trainer.should_stop = True
 
     def _forward_scalars(self, trainer: pl.Trainer, step: int) -> None:
@@ -239,6 +241,18 @@ class SpinalCallback(pl.Callback):
         fresh = {key: v for key, v in scalars.items() if self._metrics_seen.get(key) != v}
         self._metrics_seen = scalars
         return fresh
+
+    def _attach_sharding_root(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``FSDPStrategy`` wraps the ``LightningModule`` after ``setup``: the root unit that
+        holds the policy's embedding, norm and head is then ``strategy.model``, outside the
+        policy. The probe gathers that root (``sharding``); nothing changes for other strategies.
+        """
+        root = getattr(trainer.strategy, "model", None)
+        if not isinstance(root, nn.Module):
+            return
+        for probe in (self.runner.probe, self.runner.reference_probe):
+            if probe is not None:
+                attach_root(probe.model, root)
 
     def _policy(self, pl_module: pl.LightningModule) -> nn.Module:
         model = getattr(pl_module, self.model_attr, None)
