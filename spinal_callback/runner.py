@@ -391,20 +391,7 @@ class Runner:
             return CONTINUE
         self.stopped = True
         message = self._stop_message(step)
-        cause = self.stop_requested
-        self.outputs.record(
-            Alert(
-                step=step,
-                level=cause.level if cause is not None else "critical",
-                rule=TRAINING_STOPPED,
-                metric="spinal/stop",
-                value=float("nan"),
-                threshold=float("nan"),
-                message=message,
-            )
-        )
-        logger.error("spinal-callback: %s", message)
-        self.outputs.flush()
+        self._announce_stop(step, "spinal/stop", message)
         return Decision(stop=True, message=message)
 
     def _stop_message(self, step: int) -> str:
@@ -443,13 +430,18 @@ class Runner:
             f"the stop's checkpoint is {path} (step {step}); it holds the weights the alert "
             f"saw. {self._resume_advice()}"
         )
+        self._announce_stop(step, "spinal/stop_checkpoint", message)
+
+    def _announce_stop(self, step: int, metric: str, message: str) -> None:
+        """A ``training_stopped`` record (event log, text tab) at the cause's level, and the
+        console at ERROR."""
         cause = self.stop_requested
         self.outputs.record(
             Alert(
                 step=step,
                 level=cause.level if cause is not None else "critical",
                 rule=TRAINING_STOPPED,
-                metric="spinal/stop_checkpoint",
+                metric=metric,
                 value=float("nan"),
                 threshold=float("nan"),
                 message=message,
