@@ -109,7 +109,11 @@ def tail(log: Path, characters: int = 6000) -> str:
     return log.read_text(errors="replace")[-characters:]
 
 
-def torchrun(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
+def torchrun(
+    script: str, out_dir: Path, *options: str, timeout: float = RUN_TIMEOUT_S
+) -> list[dict[str, Any]]:
+    """``WORLD_SIZE`` processes of ``tests/distributed/<script> out_dir *options`` under one
+    torchrun agent, killed after ``timeout`` seconds; the records of every rank."""
     port = free_port()
     run_processes(
         [
@@ -124,6 +128,7 @@ def torchrun(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
         ],
         port,
         out_dir / "launch.log",
+        timeout=timeout,
     )
     return rank_records(out_dir)
 

@@ -22,7 +22,7 @@ from torch import nn
 from spinal_callback.capture import capture_block_outputs, forget_zero3_trace, forward_inputs
 from spinal_callback.model_access import resolve_model_parts
 from spinal_callback.probe import ProbeBatch, SpinalProbe, _vocab_size
-from tests.test_distributed import SCRIPTS, WORLD_SIZE, free_port, rank_records, run_processes
+from tests.test_distributed import WORLD_SIZE, torchrun
 
 LAUNCH_TIMEOUT_S = 240
 VOCAB_SIZE = 384  # len(build_tiny_tokenizer())
@@ -40,21 +40,9 @@ def launch(trainer: str, zero: int, out_dir: Path) -> list[dict[str, Any]]:
     missing = missing_modules(*NEEDS[trainer], *(("deepspeed",) if zero else ()))
     if missing:
         pytest.skip(f"needs {', '.join(missing)}; `make test-dist` installs it")
-    port = free_port()
     script = "deepspeed_lightning_run.py" if trainer == "lightning" else "deepspeed_trainer_run.py"
     options = ["--zero", str(zero)] + ([] if trainer == "lightning" else ["--trainer", trainer])
-    arguments = [
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD_SIZE}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        str(SCRIPTS / script),
-        str(out_dir),
-        *options,
-    ]
-    run_processes(arguments, port, out_dir / "launch.log", timeout=LAUNCH_TIMEOUT_S)
-    return rank_records(out_dir)
+    return torchrun(script, out_dir, *options, timeout=LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

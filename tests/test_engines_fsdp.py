@@ -36,8 +36,8 @@ from test_distributed import (
     free_port,
     kill_process_tree,
     rank_records,
-    run_processes,
     tail,
+    torchrun,
 )
 
 from spinal_callback.config import SpinalConfig
@@ -133,20 +133,8 @@ pytestmark_distributed = pytest.mark.skipif(
 )
 
 
-def torchrun(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
-    port = free_port()
-    arguments = [
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={WORLD_SIZE}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        str(SCRIPTS / script),
-        str(out_dir),
-        *options,
-    ]
-    run_processes(arguments, port, out_dir / "launch.log", timeout=LAUNCH_TIMEOUT_S)
-    return rank_records(out_dir)
+def launch(script: str, out_dir: Path, *options: str) -> list[dict[str, Any]]:
+    return torchrun(script, out_dir, *options, timeout=LAUNCH_TIMEOUT_S)
 
 
 def agent_environment(port: int) -> dict[str, str]:
@@ -219,14 +207,14 @@ def lightning_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, A
     pytest.importorskip("lightning")
     out_dir = tmp_path_factory.mktemp("lightning_sharded")
     strategies = ",".join(("ddp", *LIGHTNING_STRATEGIES))
-    return torchrun("lightning_sharded_run.py", out_dir, "--strategies", strategies)
+    return launch("lightning_sharded_run.py", out_dir, "--strategies", strategies)
 
 
 @pytest.fixture(scope="module")
 def hf_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("trl")
     out_dir = tmp_path_factory.mktemp("hf_fsdp2")
-    return torchrun("fsdp_hf_run.py", out_dir, "--engines", "ddp,fsdp2")
+    return launch("fsdp_hf_run.py", out_dir, "--engines", "ddp,fsdp2")
 
 
 @pytest.fixture(scope="module")
@@ -245,12 +233,12 @@ def one_rank_failing(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str,
     out_dir = tmp_path_factory.mktemp("sharded_failure")
     strategies = ",".join(LIGHTNING_STRATEGIES)
     options = ("--strategies", strategies, "--fail-rank", "1", "--fail-from-step", "2")
-    return torchrun("lightning_sharded_run.py", out_dir, *options)
+    return launch("lightning_sharded_run.py", out_dir, *options)
 
 
 @pytest.fixture(scope="module")
 def direct_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return torchrun("fsdp_direct_run.py", tmp_path_factory.mktemp("fsdp_direct"))
+    return launch("fsdp_direct_run.py", tmp_path_factory.mktemp("fsdp_direct"))
 
 
 SHARDED_RUNS = [
