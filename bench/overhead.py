@@ -7,6 +7,7 @@ and with the callback, several times, and reports the median steps/s and the pea
     python bench/overhead.py --preset llama-1b   # CUDA, Llama-3.2-1B-shaped, bf16
     python -m bench.overhead --model DIR --steps 100 --batch-size 4 --repeats 1 --warmup 0
                                                  # a real checkpoint (its own tokenizer)
+    python -m bench.overhead --model DIR --pairs long ...   # pairs of realistic length
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run; on the CPU the peak
 resident set size sampled every 2 ms during the run (``/proc/self/statm``), above the level
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from bench.long_texts import long_pairs
 from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.preference_data import make_preference_pairs, tokenizer_corpus
@@ -112,7 +114,9 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     torch.manual_seed(0)
     policy = build_models(args.preset, args.device, len(tokenizer), args.model)
     reference = copy.deepcopy(policy)
-    pairs = Dataset.from_list(make_preference_pairs(args.steps * args.batch_size, seed=0))
+    count = args.steps * args.batch_size
+    rows = long_pairs(count) if args.pairs == "long" else make_preference_pairs(count, seed=0)
+    pairs = Dataset.from_list(rows)
     # Never stop: both runs must take the same steps for steps/s to compare.
     callbacks = [TimedSpinalCallback(stop_on=None)] if with_spinal else []
     TimedSpinalCallback.seconds = 0.0
@@ -178,6 +182,13 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument(
+        "--pairs",
+        choices=("recipe", "long"),
+        default="recipe",
+        help="training pairs: the recipe's synthetic ones (about 20 tokens) or pairs of realistic "
+        "length cut from prose paragraphs (bench/long_texts.py, 60-200 tokens)",
+    )
+    parser.add_argument(
         "--learning-rate",
         type=float,
         default=None,
@@ -224,7 +235,7 @@ def main() -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"callback overhead: preset {args.preset}, {device}, "
+        f"callback overhead: preset {args.preset}, {device}, {args.pairs} pairs, "
         f"{args.steps} steps x {args.repeats} alternating runs"
     )
     print(f"{'':10}{'steps/s':>10}{'peak MiB':>10}{'probes':>8}")
@@ -244,6 +255,8 @@ def main() -> None:
         json.dumps(
             {
                 "device": device,
+                "pairs": args.pairs,
+                "config": {"every_n_steps": every, "batch_size": args.batch_size},
                 "runs": runs,
                 "summary": summary,
                 "slowdown": slowdown,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from bench.long_texts import long_texts
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
 from spinal_callback.metrics import contraction_scores
 from spinal_callback.tiny import (
@@ -118,15 +119,20 @@ PRESETS: dict[str, Callable[[torch.device, int], Setup]] = {
 CPU_PRESETS = ("tiny", "smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b")
 
 
-def checkpoint(path: str, device: torch.device, tokens: int) -> Setup:
+def checkpoint(path: str, texts: str, config: SpinalConfig) -> Setup:
+    """A checkpoint directory probed with ``texts``: ``"recipe"`` (the recipe's 32 prompts of
+    about 5 tokens) or ``"dev"``/``"test"`` (``long_texts``: 32 paragraphs of 60-200 tokens), and
+    the default neutral texts."""
     from spinal_callback.loading import load_local_model, load_local_tokenizer
     from spinal_callback.preference_data import train_eval_split
     from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
 
     tokenizer = load_local_tokenizer(path)
     model = load_local_model(path)
-    config = SpinalConfig()
-    prompts = list(train_eval_split(train_count=64, seed=0)[1]["prompt"][:32])  # as the recipe
+    if texts == "recipe":
+        prompts = list(train_eval_split(train_count=64, seed=0)[1]["prompt"][:32])
+    else:
+        prompts = long_texts(texts)
     batch = ProbeBatch.from_texts(tokenizer, prompts, config.max_probe_length)
     neutral = ProbeBatch.from_texts(tokenizer, list(DEFAULT_NEUTRAL_TEXTS), config.max_probe_length)
     return Setup(model, batch, config, neutral)
@@ -192,7 +198,7 @@ def stages(probe: SpinalProbe, device: torch.device, repeats: int) -> dict[str, 
 
     def lens() -> None:
         with torch.no_grad():
-            held["lens"] = probe._lens(held["hidden"][1], group.targets.to(device))
+            held["lens"] = probe._lens(held["hidden"][1], group.targets.to(device), 0)
 
     def host_copy() -> None:
         torch.cat([held["alpha"][0].float(), held["lens"][0]]).cpu()
@@ -287,6 +293,8 @@ def measure(name: str, setup: Setup, device: torch.device, repeats: int) -> dict
         "vocab": probe.vocab_size,
         "calls": rows,
         "stages_ms": stages(probe, device, repeats),
+        "lens_tokens": [probe.lens_tokens[i] for i in range(len(probe.groups))],
+        "valid_tokens": [group.batch.num_valid_tokens for group in probe.groups],
     }
     if device.type == "cpu":
         setup.model = model
@@ -306,6 +314,8 @@ def print_record(record: dict[str, Any]) -> None:
             f"{row['peak_mib']:10.1f}{row['memory_ratio']:8.2f}"
         )
     print("  stages: " + ", ".join(f"{k} {v:.1f} ms" for k, v in record["stages_ms"].items()))
+    tokens, valid = record["lens_tokens"], record["valid_tokens"]
+    print(f"  lens tokens per probe group {tokens} of {valid} valid")
     if "accuracy" in record:
         accuracy = record["accuracy"]
         print(
@@ -321,6 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), action="append")
     parser.add_argument("--model", help="a checkpoint directory (from_pretrained)")
+    parser.add_argument(
+        "--texts",
+        choices=("recipe", "dev", "test"),
+        default="recipe",
+        help="--model's probe texts: the recipe's short prompts, or 32 paragraphs of realistic "
+        "length (bench/long_texts.py; dev split for tuning, test split for checking)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a SpinalConfig field to change from the default, e.g. --set transport_tokens=512",
+    )
     parser.add_argument("--tokens", type=int, default=TOKENS_PER_ROW, help="tokens per probe row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
@@ -332,15 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"probe cost on {where}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    overrides = dict(item.split("=", 1) for item in args.set)
     records = []
     presets = [] if args.model and not args.preset else (args.preset or list(CPU_PRESETS))
     for name in presets:
         torch.manual_seed(0)
-        records.append(measure(name, PRESETS[name](device, args.tokens), device, args.repeats))
+        setup = PRESETS[name](device, args.tokens)
+        setup.config = replace(setup.config, **overrides)
+        records.append(measure(name, setup, device, args.repeats) | {"config_overrides": overrides})
         print_record(records[-1])
     if args.model:
-        setup = checkpoint(args.model, device, args.tokens)
-        records.append(measure(Path(args.model).name, setup, device, args.repeats))
+        setup = checkpoint(args.model, args.texts, replace(SpinalConfig(), **overrides))
+        name = f"{Path(args.model).name} ({args.texts} texts)"
+        records.append(measure(name, setup, device, args.repeats) | {"config_overrides": overrides})
         print_record(records[-1])
     output = Path(args.out)
     output.parent.mkdir(parents=True, exist_ok=True)

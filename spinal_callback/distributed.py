@@ -33,3 +33,8 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def every_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on every rank (a collective, as ``any_rank``)."""
+    return not any_rank(not flag)

@@ -205,23 +205,12 @@ def _jensen_shannon_bits(log_p: Tensor, log_q: Tensor) -> Tensor:
     return divergence.clamp(0.0, 1.0)
 
 
-def root_gram(root: Tensor) -> Tensor:
-    """Inner products of every pair of layers' square-root distributions, token by token.
-
-    Args:
-        root: ``[L, n, V]`` float32 ``sqrt(p)`` of ``L`` layers' lens distributions over ``n``
-            tokens.
-
-    Returns:
-        ``[n, L, L]`` float32 ``G[t, a, b] = sum_v sqrt(p_a p_b)`` (the Bhattacharyya
-        coefficients; the diagonal is each distribution's total mass, 1 up to rounding), from one
-        batched matrix product.
-    """
-    return root.permute(1, 0, 2) @ root.permute(1, 2, 0)
-
-
 def transport_from_gram(gram: Tensor, measure: str = "hellinger") -> tuple[Tensor, Tensor]:
-    """Adjacent-layer and first-to-last transport from ``root_gram``'s ``[n, L, L]`` output.
+    """Adjacent-layer and first-to-last transport from Bhattacharyya coefficients.
+
+    ``gram``: ``[n, L, L]`` float32 ``G[t, a, b] = sum_v sqrt(p_a,v * p_b,v)`` of ``L`` layers'
+    distributions at ``n`` tokens (``lens.LensMoments.bhattacharyya``); the diagonal is each
+    distribution's mass, 1 up to rounding.
 
     ``H^2 = (G_aa + G_bb) / 2 - G_ab``, the mass-corrected ``1 - BC``. It avoids materialising
     ``sqrt p - sqrt q`` over the vocabulary, at a float32 absolute error below 1e-3 on nearby
@@ -247,14 +236,6 @@ def _hellinger_as(measure: str, hellinger: Tensor) -> Tensor:
     if measure == "fisher_rao":
         return (4.0 / math.pi) * torch.asin((hellinger / math.sqrt(2.0)).clamp(0.0, 1.0))
     raise ValueError(f"the Gram form supports 'hellinger' and 'fisher_rao', got {measure!r}")
-
-
-def entropy_from_roots(p: Tensor, half_log_p: Tensor) -> Tensor:
-    """``token_entropy`` from ``p`` and ``log(p) / 2`` (``[..., V]`` float32), as one batched dot
-    product; ``half_log_p`` must be finite (clamp ``-inf`` to a large negative number: its
-    ``p`` is 0, so it adds nothing)."""
-    dot = p.unsqueeze(-2) @ half_log_p.unsqueeze(-1)
-    return -2.0 * dot.squeeze(-1).squeeze(-1)
 
 
 def token_entropy(log_p: Tensor) -> Tensor:

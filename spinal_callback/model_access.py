@@ -96,24 +96,42 @@ class ModelParts:
         ``head_weight``: a copy of the head's ``[V, d]`` weight (``head_weight_as``) to multiply
         with instead of calling the head; the logits are then in its dtype.
         """
+        projected = self.lens_inputs(hidden)
+        if head_weight is None:
+            return self.softcapped(self.head(projected))
+        return self.head_logits(projected, head_weight)
+
+    def lens_inputs(self, hidden: Tensor) -> Tensor:
+        """``[..., d]`` block outputs through the final norm (and OPT's ``project_out``): what
+        the head multiplies."""
         projected = self.final_norm(hidden)
         if self.head_input is not None:
             projected = self.head_input(projected)
-        if head_weight is None:
-            logits = self.head(projected)
-        else:
-            bias = getattr(self.head, "bias", None)
-            bias = None if bias is None else bias.to(head_weight.dtype)
-            logits = nn.functional.linear(projected.to(head_weight.dtype), head_weight, bias)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        return projected
 
-    def head_weight_as(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-        """The head's weight cast to ``dtype``, when the head is a plain ``nn.Linear`` whose
-        whole ``[V, d]`` weight is materialised on ``device``; else ``None`` (a sharded,
-        offloaded, ZeRO-3 partitioned or unusual head is called as a module, so its engine's
-        hooks gather and release it)."""
+    def head_logits(
+        self, projected: Tensor, head_weight: Tensor, columns: slice = slice(None)
+    ) -> Tensor:
+        """The logits of vocabulary ``columns`` (all by default) for ``lens_inputs`` output
+        ``projected`` ``[..., d]``, from the head's ``[V, d]`` weight (``head_weight_as``):
+        ``[..., C]`` in the weight's dtype (or an enclosing autocast's), soft-capped like the
+        model's."""
+        bias = getattr(self.head, "bias", None)
+        weight = head_weight[columns]
+        bias = None if bias is None else bias[columns].to(weight.dtype)
+        return self.softcapped(nn.functional.linear(projected.to(weight.dtype), weight, bias))
+
+    def softcapped(self, logits: Tensor) -> Tensor:
+        """``cap * tanh(logits / cap)`` for a soft-capping model (Gemma 2), else ``logits``."""
+        if self.logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+
+    def head_weight_as(self, dtype: torch.dtype | None, device: torch.device) -> Tensor | None:
+        """The head's ``[V, d]`` weight cast to ``dtype`` (``None``: as it is, detached), when the
+        head is a plain ``nn.Linear`` whose whole weight is materialised on ``device``; else
+        ``None`` (a sharded, offloaded, ZeRO-3 partitioned or unusual head is called as a module,
+        so its engine's hooks gather and release it)."""
         head = self.head
         if type(head) is not nn.Linear or self.zero3_partitioned:
             return None
@@ -122,7 +140,7 @@ class ModelParts:
             return None
         if tuple(weight.shape) != (head.out_features, head.in_features):
             return None
-        return weight.detach().to(dtype)
+        return weight.detach() if dtype is None else weight.detach().to(dtype)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

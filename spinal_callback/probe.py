@@ -23,19 +23,15 @@ from spinal_callback.capture import (
     device_of,
     eval_mode,
     forward_inputs,
-    lens_cast,
 )
 from spinal_callback.config import SpinalConfig
+from spinal_callback.distributed import every_rank
+from spinal_callback.lens import LensStatistics, lens_statistics
 from spinal_callback.metrics import (
     RAMP_SUMMARY_NAMES,
     contraction_scores,
-    entropy_from_roots,
-    per_token_transport,
     ramp_summaries,
-    root_gram,
     tail_band,
-    token_entropy,
-    transport_from_gram,
 )
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 from spinal_callback.probe_batch import ProbeBatch
@@ -138,6 +134,8 @@ class SpinalProbe:
         self._device_inputs: dict[torch.device, list[dict[str, Tensor]]] = {}
         self.vocab_size: int | None = None
         """The lens's vocabulary size, known after the first run (the perplexity rule's scale)."""
+        self.lens_tokens: dict[int, int] = {}
+        """Per probe group (0: task, 1: neutral), the lens tokens its first run settled on."""
         self.probe_fingerprint = self._probe_fingerprint()
         self.model_fingerprint = _model_fingerprint(self.parts)
 
@@ -156,8 +154,7 @@ class SpinalProbe:
         with torch.no_grad(), root_parameters_whole(self.model), eval_mode(self.model), autocast:
             hidden = self._capture(device)
             scores = [
-                self._scores(hidden[2 * i], hidden[2 * i + 1], group)
-                for i, group in enumerate(self.groups)
+                self._scores(hidden[2 * i], hidden[2 * i + 1], i) for i in range(len(self.groups))
             ]
             # The one host synchronisation of the probe.
             flat = [value.reshape(-1).float() for group in scores for value in group.values()]
@@ -166,8 +163,8 @@ class SpinalProbe:
         unpacked = [{name: next(values) for name in group} for group in scores]
         seconds = time.perf_counter() - started
         traces = [
-            self._trace(step, group, fields, device, str(hidden[0].dtype), seconds)
-            for group, fields in zip(self.groups, unpacked)
+            self._trace(step, index, fields, device, str(hidden[0].dtype), seconds)
+            for index, fields in enumerate(unpacked)
         ]
         if len(traces) > 1:
             traces[0].neutral = traces[1]
@@ -176,12 +173,13 @@ class SpinalProbe:
     def _trace(
         self,
         step: int,
-        group: _Group,
+        group_index: int,
         fields: dict[str, Tensor],
         device: torch.device,
         hidden_dtype: str,
         seconds: float,
     ) -> DepthTrace:
+        group = self.groups[group_index]
         nll = fields.get("next_token_nll")
         return DepthTrace(
             step=int(step),
@@ -200,7 +198,7 @@ class SpinalProbe:
                 "probe_rows": int(group.batch.input_ids.shape[0]),
                 "valid_tokens": group.batch.num_valid_tokens,
                 "spectrum_tokens": int(group.spectrum_index.numel()),
-                "transport_tokens": int(group.transport_index.numel()),
+                "transport_tokens": self.lens_tokens[group_index],
                 "vocab_size": self.vocab_size,
                 "hidden_dtype": hidden_dtype.removeprefix("torch."),
                 "device": str(device),
@@ -222,9 +220,10 @@ class SpinalProbe:
         return captured
 
     def _scores(
-        self, spectrum_hidden: Tensor, transport_hidden: Tensor, group: _Group
+        self, spectrum_hidden: Tensor, transport_hidden: Tensor, group_index: int
     ) -> dict[str, Tensor]:
         config = self.config
+        group = self.groups[group_index]
         contraction, status = contraction_scores(
             spectrum_hidden,
             config.tail_low,
@@ -232,10 +231,11 @@ class SpinalProbe:
             getattr(torch, config.spectrum_dtype),
         )
         targets = group.targets.to(transport_hidden.device)
-        adjacent, end_to_end, entropy, nll = self._lens(transport_hidden, targets)
+        lens = self._lens(transport_hidden, targets, group_index)
+        adjacent, entropy = lens.transport, lens.entropy
         depth = torch.tensor(self.layers, dtype=torch.float32, device=contraction.device)
         depth = depth / max(self.parts.num_blocks - 1, 1)
-        summaries = ramp_summaries(contraction, adjacent, end_to_end, entropy[-1], depth)
+        summaries = ramp_summaries(contraction, adjacent, lens.end_to_end, entropy[-1], depth)
         fields = {
             "contraction": contraction,
             "transport": adjacent,
@@ -244,63 +244,34 @@ class SpinalProbe:
             **{name: summaries[name] for name in RAMP_SUMMARY_NAMES},
         }
         if group.has_targets:
-            fields["next_token_nll"] = nll
+            fields["next_token_nll"] = lens.next_token_nll
         return fields
 
-    def _lens(self, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Logit-lens statistics over ``[L, n, d]`` hidden states, a block of tokens at a time.
+    def _lens(self, hidden: Tensor, targets: Tensor, group_index: int) -> LensStatistics:
+        """The logit lens's statistics of ``[L, n, d]`` hidden states (``lens_statistics``).
 
-        Returns, as float32 on the hidden states' device: the mean adjacent-layer transport
-        ``[L - 1]``, the first-to-last transport, the mean lens entropy per layer ``[L]`` and the
-        deepest layer's mean next-token NLL over the tokens whose ``targets`` are >= 0.
+        The first run of each group takes tokens, in their random order, until the transport is
+        within ``transport_tolerance`` of the all-token value (or all of them are taken); later
+        runs take the same first tokens, so that every trace of a run measures the same ones.
         """
-        count, tokens = hidden.shape[0], hidden.shape[1]
-        cast = lens_cast(hidden, self.config.lens_dtype)
-        # Cast once per probe, not per block of tokens (a 150k x 900 head is 0.1 s a cast).
-        weight = None if cast is None else self.parts.head_weight_as(cast, hidden.device)
-        vocab = _vocab_size(self.parts, hidden)
-        self.vocab_size = vocab
-        chunk = max(1, (self.config.lens_chunk_mib << 20) // (4 * count * vocab))
-        adjacent = torch.zeros(count - 1, dtype=torch.float32, device=hidden.device)
-        end_to_end = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros(count, dtype=torch.float32, device=hidden.device)
-        nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        measure = self.config.transport
-        for start in range(0, tokens, chunk):
-            logits = self._lens_logits(hidden[:, start : start + chunk], cast, weight)
-            log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            del logits
-            chunk_targets = targets[start : start + chunk]
-            picked = log_p[-1].gather(-1, chunk_targets.clamp_min(0)[:, None]).squeeze(-1)
-            nll -= torch.where(chunk_targets >= 0, picked, torch.zeros_like(picked)).sum()
-            if measure == "js":
-                adjacent += per_token_transport(log_p[:-1], log_p[1:], measure).sum(dim=-1)
-                end_to_end += per_token_transport(log_p[0], log_p[-1], measure).sum()
-                entropy += token_entropy(log_p).sum(dim=-1)
-                continue
-            # In place: log p / 2, finite (a zero-mass entry's p is 0 either way), then sqrt p
-            # for the Gram of every layer pair, then p for the entropy.
-            half = log_p.mul_(0.5).clamp_(min=torch.finfo(torch.float32).min)
-            root = torch.exp(half)
-            chunk_adjacent, chunk_end_to_end = transport_from_gram(root_gram(root), measure)
-            adjacent += chunk_adjacent.sum(dim=-1)
-            end_to_end += chunk_end_to_end.sum()
-            entropy += entropy_from_roots(root.square_(), half).sum(dim=-1)
-            del root, half, log_p
-        predicted = (targets >= 0).sum().clamp_min(1)
-        return adjacent / tokens, end_to_end / tokens, entropy / tokens, nll / predicted
-
-    def _lens_logits(
-        self, hidden: Tensor, cast: torch.dtype | None, weight: Tensor | None
-    ) -> Tensor:
-        """The lens logits of ``hidden``: with the head's weight already cast to ``cast``, else
-        under autocast to ``cast``, else (``None``) in the forward's own precision."""
-        if weight is not None:
-            return self.parts.lens_logits(hidden, weight)
-        if cast is None:
-            return self.parts.lens_logits(hidden)
-        with torch.autocast(device_type=hidden.device.type, dtype=cast):
-            return self.parts.lens_logits(hidden)
+        self.vocab_size = _vocab_size(self.parts, hidden)
+        known = self.lens_tokens.get(group_index)
+        if known is not None:
+            hidden, targets = hidden[:, :known], targets[:known]
+        statistics = lens_statistics(
+            self.parts,
+            hidden,
+            targets,
+            vocab_size=self.vocab_size,
+            measure=self.config.transport,
+            lens_dtype=self.config.lens_dtype,
+            budget_mib=self.config.lens_chunk_mib,
+            tolerance=self.config.transport_tolerance if known is None else None,
+            population=self.groups[group_index].batch.num_valid_tokens,
+            agree=every_rank if self.parts.zero3_partitioned else None,
+        )
+        self.lens_tokens[group_index] = statistics.tokens
+        return statistics
 
     def _groups(self, batches: Sequence[ProbeBatch]) -> list[_Group]:
         """Each batch's token subsamples, chosen within the batch and mapped into the stack."""
@@ -308,7 +279,7 @@ class SpinalProbe:
         groups, offset = [], 0
         for batch in batches:
             spectrum = batch.subsample(self.config.spectrum_tokens, self.config.seed)
-            transport = batch.subsample(self.config.transport_tokens, self.config.seed + 1)
+            transport = batch.shuffled_sample(self.config.transport_tokens, self.config.seed + 1)
             groups.append(
                 _Group(
                     batch=batch,

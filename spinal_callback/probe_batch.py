@@ -201,6 +201,14 @@ class ProbeBatch:
         chosen = torch.randperm(valid.numel(), generator=generator)[:count].sort().values
         return valid[chosen]
 
+    def shuffled_sample(self, count: int, seed: int) -> Tensor:
+        """Fixed flat indices of ``min(count, valid)`` real tokens in a random order, so that
+        every prefix is a simple random sample of the real tokens. Its first ``k`` are the
+        tokens ``subsample(k, seed)`` picks, and padding on either side picks the same."""
+        valid = self.valid_positions()
+        generator = torch.Generator().manual_seed(seed)
+        return valid[torch.randperm(valid.numel(), generator=generator)[:count]]
+
 
 def _pad_id(tokenizer: Any) -> int:
     for name in ("pad_token_id", "eos_token_id"):

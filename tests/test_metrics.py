@@ -11,14 +11,10 @@ from spinal_callback.metrics import (
     ContractionStatus,
     contraction_score,
     contraction_scores,
-    entropy_from_roots,
     ols_slope,
     per_token_transport,
     ramp_summaries,
-    root_gram,
     tail_band,
-    token_entropy,
-    transport_from_gram,
     transport_score,
 )
 
@@ -250,47 +246,3 @@ def test_contraction_of_non_finite_activations_is_nan_without_raising() -> None:
     layers[1, 3, 4] = float("inf")
     alpha, _ = contraction_scores(layers)
     assert torch.isfinite(alpha[0]) and torch.isnan(alpha[1])
-
-
-@pytest.mark.parametrize("measure", ["hellinger", "fisher_rao"])
-def test_transport_from_the_gram_equals_the_transport_of_log_probabilities(measure: str) -> None:
-    logits = torch.randn(4, 5, 50) * 4
-    logits[0, 0, :10] = -math.inf  # zero-mass entries
-    log_p = torch.log_softmax(logits, dim=-1)
-    adjacent, end_to_end = transport_from_gram(root_gram(torch.exp(0.5 * log_p)), measure)
-    torch.testing.assert_close(
-        adjacent, per_token_transport(log_p[:-1], log_p[1:], measure), atol=1e-5, rtol=1e-4
-    )
-    torch.testing.assert_close(
-        end_to_end, per_token_transport(log_p[0], log_p[-1], measure), atol=1e-5, rtol=1e-4
-    )
-
-
-def test_transport_from_the_gram_of_identical_distributions_is_exactly_zero() -> None:
-    root = torch.exp(0.5 * torch.log_softmax(torch.randn(1, 4, 30), dim=-1)).expand(3, 4, 30)
-    adjacent, end_to_end = transport_from_gram(root_gram(root.contiguous()))
-    assert torch.equal(adjacent, torch.zeros(2, 4)) and torch.equal(end_to_end, torch.zeros(4))
-
-
-def test_transport_from_the_gram_of_nearby_distributions_of_a_large_vocabulary_is_within_1e_3() -> (
-    None
-):
-    generator = torch.Generator().manual_seed(0)
-    logits = 3 * torch.randn(1, 16, 49152, generator=generator, dtype=torch.float64)
-    logits = torch.cat([logits, logits + 1e-3 * torch.randn(logits.shape, generator=generator)])
-    exact = per_token_transport(*torch.log_softmax(logits, dim=-1))
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    adjacent, _ = transport_from_gram(root_gram(torch.exp(0.5 * log_p)))
-    assert (adjacent[0].double() - exact).abs().max().item() < 1e-3
-
-
-def test_entropy_from_roots_equals_token_entropy_with_and_without_zero_mass() -> None:
-    logits = torch.randn(2, 6, 40)
-    log_p = torch.log_softmax(logits, dim=-1)
-    torch.testing.assert_close(entropy_from_roots(log_p.exp(), 0.5 * log_p), token_entropy(log_p))
-    logits[1, 2, :5] = -math.inf
-    log_p = torch.log_softmax(logits, dim=-1)
-    half = (0.5 * log_p).clamp(min=torch.finfo(torch.float32).min)
-    entropy = entropy_from_roots(log_p.exp(), half)
-    assert torch.isfinite(entropy).all()
-    torch.testing.assert_close(entropy, token_entropy(log_p))

@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from spinal_callback.probe_batch import ProbeBatch
@@ -165,3 +166,17 @@ def test_from_dataset_reads_token_ids_of_a_dataset_tokenized_by_trl(
     dataset = datasets.Dataset.from_list([{"prompt_ids": row} for row in ids])
     batch = ProbeBatch.from_dataset(tokenizer, dataset)
     assert batch.attention_mask.sum(dim=1).tolist() == [len(row) for row in ids]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_every_prefix_of_the_shuffled_sample_is_the_subsample_of_its_size(side: str) -> None:
+    batch = ProbeBatch.from_token_ids([[5] * 30, [6] * 11, [7] * 23], padding_side=side)
+    shuffled = batch.shuffled_sample(40, seed=3)
+    assert shuffled.numel() == 40
+    for size in (1, 17, 40):
+        assert torch.equal(shuffled[:size].sort().values, batch.subsample(size, seed=3))
+    right = ProbeBatch.from_token_ids([[5] * 30, [6] * 11, [7] * 23])
+    assert torch.equal(
+        batch.input_ids.reshape(-1)[shuffled],
+        right.input_ids.reshape(-1)[right.shuffled_sample(40, 3)],
+    )

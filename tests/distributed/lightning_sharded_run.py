@@ -188,6 +188,7 @@ def unsharded_trace(state: dict[str, torch.Tensor] | None, callback: SpinalCallb
     probe = callback.runner.probe
     assert probe is not None
     fresh = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch)
+    fresh.lens_tokens = dict(probe.lens_tokens)  # the same tokens as the callback's probe
     return trace_record(fresh.run(0))
 
 
