@@ -145,11 +145,13 @@ def _run_audit(args: argparse.Namespace) -> int:
         late_layers=args.late_layers, transport=args.transport, max_probe_length=args.max_length
     )
     traces: dict[str, DepthTrace] = {}
+    lens_tokens: dict[int, int] = {}  # every checkpoint's lens over the same tokens
     for path in args.paths:
         logger.info("probing %s", path)
         model = load_local_model(path, dtype=args.dtype, device=args.device)
         _check_vocabulary(model, tokenizer, path)
-        traces[_unique_name(Path(path), traces)] = SpinalProbe(model, batch, config).run()
+        probe = SpinalProbe(model, batch, config, lens_tokens=lens_tokens)
+        traces[_unique_name(Path(path), traces)] = probe.run()
         del model
     _write_outputs(traces, Path(args.out))
     return 0

@@ -107,6 +107,10 @@ class SpinalProbe:
         config: score and band settings (default ``SpinalConfig()``).
         neutral: an optional second fixed batch of neutral text (text the run does not train
             on), stacked into the same forward; its trace is ``DepthTrace.neutral``.
+        lens_tokens: another probe's ``lens_tokens`` (of the same batches and config), shared:
+            whichever probe runs first settles the lens's sample size for both, so that the
+            traces of two models (a run's reference and its policy, or two checkpoints) measure
+            the same tokens.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class SpinalProbe:
         batch: ProbeBatch,
         config: SpinalConfig | None = None,
         neutral: ProbeBatch | None = None,
+        lens_tokens: dict[int, int] | None = None,
     ) -> None:
         self.config = config or SpinalConfig()
         self.model = model
@@ -134,7 +139,7 @@ class SpinalProbe:
         self._device_inputs: dict[torch.device, list[dict[str, Tensor]]] = {}
         self.vocab_size: int | None = None
         """The lens's vocabulary size, known after the first run (the perplexity rule's scale)."""
-        self.lens_tokens: dict[int, int] = {}
+        self.lens_tokens: dict[int, int] = {} if lens_tokens is None else lens_tokens
         """Per probe group (0: task, 1: neutral), the lens tokens its first run settled on."""
         self.probe_fingerprint = self._probe_fingerprint()
         self.model_fingerprint = _model_fingerprint(self.parts)

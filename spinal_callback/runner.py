@@ -176,10 +176,13 @@ class Runner:
             neutral = ProbeBatch.from_texts(tokenizer, texts, self.config.max_probe_length)
         self.probe = SpinalProbe(model, batch, self.config, neutral)
         if reference_model is not None:
-            self.reference_probe = SpinalProbe(reference_model, batch, self.config, neutral)
+            self.reference_probe = SpinalProbe(
+                reference_model, batch, self.config, neutral, self.probe.lens_tokens
+            )
         if self.config.drift_every is not None:
             self.drift = DriftMeter(batch, self.config.seed + 2, self.config.autocast_dtype)
             self.drift.load_state_dict(self._drift_state)
+        self._adopt_reference_lens_tokens()
 
     def begin(
         self,
@@ -314,6 +317,22 @@ class Runner:
         first = state.get("first_warning_step")
         self.first_warning_step = None if first is None else int(first)
         self.checkpoints = [(int(s), str(p)) for s, p in state.get("checkpoints", [])]
+        self._adopt_reference_lens_tokens()
+
+    def _adopt_reference_lens_tokens(self) -> None:
+        """After a resume, the probe's lens takes as many tokens as the restored reference's did
+        (the counts in its traces' metadata) instead of settling anew on the trained model, so
+        the baseline stays token for token; only for the same probe (fingerprint)."""
+        probe, reference = self.probe, self.reference
+        if probe is None or reference is None or probe.lens_tokens:
+            return
+        if reference.probe_fingerprint != probe.probe_fingerprint:
+            return
+        traces = [reference] if reference.neutral is None else [reference, reference.neutral]
+        counts = [trace.metadata.get("transport_tokens") for trace in traces]
+        known = [count for count in counts if isinstance(count, int) and count > 0]
+        if len(known) == len(probe.groups):
+            probe.lens_tokens.update(enumerate(known))
 
     # ---- internals ---------------------------------------------------------------------------
 

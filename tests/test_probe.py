@@ -499,3 +499,14 @@ def test_later_runs_take_the_lens_tokens_the_first_run_settled_on(
             parameter.mul_(1.5)  # a changed model would need another sample size
     second = probe.run()
     assert second.metadata["transport_tokens"] == first.metadata["transport_tokens"]
+
+
+def test_probes_that_share_lens_tokens_measure_the_same_tokens(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    config = SpinalConfig(transport_tolerance=1e-9)  # settles on every sample token
+    first = SpinalProbe(make_model("llama"), probe_batch, config)
+    settled = first.run().metadata["transport_tokens"]
+    loose = SpinalConfig(transport_tolerance=1.0)  # would settle on 256 alone
+    second = SpinalProbe(make_model("llama", seed=1), probe_batch, loose, None, first.lens_tokens)
+    assert second.run().metadata["transport_tokens"] == settled > 256

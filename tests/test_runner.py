@@ -430,3 +430,42 @@ def test_bad_probe_texts_fail_when_either_callback_is_built(
     for callback in (SpinalCallback, SpinalTrainerCallback):
         with pytest.raises(error, match=message):
             callback(probe_texts=texts)
+
+
+def test_the_reference_and_the_policy_trace_the_same_lens_tokens(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    """The reference's probe runs first and settles the lens's sample size; the policy's probe
+    takes the same tokens without sizing its own, so the reference is its baseline token for
+    token."""
+    runner = Runner(SpinalConfig(transport_tolerance=1.0), probe_texts)
+    runner.setup(make_model("llama", seed=1), tokenizer, reference_model=make_model("llama"))
+    assert runner.reference_probe is not None and runner.probe is not None
+    reference = runner.reference_probe.run(0)
+    assert reference.neutral is not None
+    assert runner.probe.lens_tokens == {
+        0: reference.metadata["transport_tokens"],
+        1: reference.neutral.metadata["transport_tokens"],
+    }
+    policy = runner.probe.run(0)
+    assert policy.metadata["transport_tokens"] == reference.metadata["transport_tokens"]
+
+
+def test_a_resumed_probe_takes_as_many_lens_tokens_as_its_restored_reference(
+    llama: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+    tmp_path: Path,
+) -> None:
+    first = Runner(SpinalConfig(every_n_steps=2, transport_tolerance=1e-9), probe_texts)
+    first.setup(llama, tokenizer)
+    FakeTrainer(first, llama, tmp_path).fit(max_steps=2)
+    settled = dict(first.probe.lens_tokens) if first.probe is not None else {}
+    assert settled[0] > 256  # every sample token: more than a loose tolerance would take
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = Runner(SpinalConfig(every_n_steps=2, transport_tolerance=1.0), probe_texts)
+    resumed.setup(llama, tokenizer)
+    resumed.load_state_dict(state)
+    assert resumed.probe is not None and resumed.probe.lens_tokens == settled

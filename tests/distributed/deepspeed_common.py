@@ -41,8 +41,7 @@ def unsharded_trace(model: nn.Module, probe: SpinalProbe, step: int) -> dict[str
     """The trace of a plain (unwrapped, unsharded) ``model`` under the callback's own ``probe``
     (same texts, neutral texts, settings and lens tokens: under ZeRO-3 the head is called as a
     module, and such a lens takes every sample token)."""
-    plain = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch)
-    plain.lens_tokens = dict(probe.lens_tokens)
+    plain = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch, probe.lens_tokens)
     return trace_record(plain.run(step))
 
 

@@ -90,8 +90,7 @@ def unsharded_trace(state: dict[str, torch.Tensor] | None, probe: SpinalProbe) -
     model = build_tiny_model("llama", vocab_size=len(build_tiny_tokenizer()), layers=4, seed=0)
     if state is not None:
         model.load_state_dict(state)
-    plain = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch)
-    plain.lens_tokens = dict(probe.lens_tokens)  # the same tokens as the callback's probe
+    plain = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch, probe.lens_tokens)
     return trace_record(plain.run(0))
 
 

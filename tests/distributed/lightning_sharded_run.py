@@ -187,8 +187,7 @@ def unsharded_trace(state: dict[str, torch.Tensor] | None, callback: SpinalCallb
         model.load_state_dict(state)
     probe = callback.runner.probe
     assert probe is not None
-    fresh = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch)
-    fresh.lens_tokens = dict(probe.lens_tokens)  # the same tokens as the callback's probe
+    fresh = SpinalProbe(model, probe.batch, probe.config, probe.neutral_batch, probe.lens_tokens)
     return trace_record(fresh.run(0))
 
 
