@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 from transformers import PreTrainedModel
 
 from spinal_callback import lens
-from spinal_callback.lens import LensMoments, lens_statistics
+from spinal_callback.lens import LensMoments, LensStatistics, lens_statistics
 from spinal_callback.metrics import per_token_transport, token_entropy, transport_from_gram
 from spinal_callback.model_access import ModelParts, resolve_model_parts
 
@@ -97,6 +98,20 @@ def test_nearby_distributions_of_a_large_vocabulary_are_within_1e_3_in_float32()
     assert (adjacent[0].double() - exact).abs().max().item() < 1e-3
 
 
+def lens_of(
+    model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, **options: Any
+) -> LensStatistics:
+    """``lens_statistics`` of ``model``'s ``[L, n, d]`` block outputs, without autograd."""
+    with torch.no_grad():
+        return lens_statistics(
+            resolve_model_parts(model),
+            hidden,
+            targets,
+            vocab_size=model.config.vocab_size,
+            **options,
+        )
+
+
 def full_lens_statistics(
     parts: ModelParts, hidden: torch.Tensor, targets: torch.Tensor
 ) -> list[torch.Tensor]:
@@ -123,10 +138,8 @@ def test_lens_statistics_equal_those_of_whole_distributions(
     hidden = torch.randn(4, 30, llama.config.hidden_size)
     targets = torch.randint(0, llama.config.vocab_size, (30,))
     targets[-3:] = -1
+    ours = lens_of(llama, hidden, targets, lens_dtype="native")
     with torch.no_grad():
-        ours = lens_statistics(
-            parts, hidden, targets, vocab_size=llama.config.vocab_size, lens_dtype="native"
-        )
         expected = full_lens_statistics(parts, hidden, targets)
     for value, reference in zip(ours, expected):
         torch.testing.assert_close(value.double(), reference, atol=1e-5, rtol=1e-5)
@@ -136,15 +149,8 @@ def test_the_jensen_shannon_measure_takes_whole_distributions(llama: PreTrainedM
     parts = resolve_model_parts(llama)
     hidden = torch.randn(3, 12, llama.config.hidden_size)
     targets = torch.zeros(12, dtype=torch.long)
+    ours = lens_of(llama, hidden, targets, measure="js", lens_dtype="native")
     with torch.no_grad():
-        ours = lens_statistics(
-            parts,
-            hidden,
-            targets,
-            vocab_size=llama.config.vocab_size,
-            measure="js",
-            lens_dtype="native",
-        )
         log_p = torch.log_softmax(parts.lens_logits(hidden).double(), dim=-1)
     expected = per_token_transport(log_p[:-1], log_p[1:], "js").mean(dim=-1)
     torch.testing.assert_close(ours.transport.double(), expected, atol=1e-5, rtol=1e-5)
@@ -153,17 +159,11 @@ def test_the_jensen_shannon_measure_takes_whole_distributions(llama: PreTrainedM
 def test_a_tolerance_stops_at_the_fewest_tokens_when_the_transport_barely_varies(
     llama: PreTrainedModel,
 ) -> None:
-    parts = resolve_model_parts(llama)
     hidden = torch.randn(4, 600, llama.config.hidden_size)
     targets = torch.zeros(600, dtype=torch.long)
-    with torch.no_grad():
-        loose = lens_statistics(
-            parts, hidden, targets, vocab_size=llama.config.vocab_size, tolerance=1.0
-        )
-        strict = lens_statistics(
-            parts, hidden, targets, vocab_size=llama.config.vocab_size, tolerance=1e-9
-        )
-        every = lens_statistics(parts, hidden, targets, vocab_size=llama.config.vocab_size)
+    loose = lens_of(llama, hidden, targets, tolerance=1.0)
+    strict = lens_of(llama, hidden, targets, tolerance=1e-9)
+    every = lens_of(llama, hidden, targets)
     assert loose.tokens == lens.MIN_SEQUENTIAL_TOKENS
     assert strict.tokens == every.tokens == 600
     torch.testing.assert_close(strict.transport, every.transport)
@@ -174,26 +174,13 @@ def test_a_tolerance_takes_tokens_until_the_standard_error_is_a_third_of_it(
 ) -> None:
     """Spread-out tokens: the sample size lands where the finite-population standard error of
     the noisiest transport mean first drops to ``tolerance / 3``, in steps of a block."""
-    parts = resolve_model_parts(llama)
     hidden = 3 * torch.randn(4, 1024, llama.config.hidden_size)
     targets = torch.zeros(1024, dtype=torch.long)
-    vocab = llama.config.vocab_size
-    with torch.no_grad():
-        per_token = [
-            lens_statistics(parts, hidden[:, i : i + 1], targets[i : i + 1], vocab_size=vocab)
-            for i in range(1024)
-        ]
-        values = torch.stack([torch.cat([s.transport, s.end_to_end[None]]) for s in per_token], 1)
-        population = 4096
-        tolerance = 0.01
-        taken = lens_statistics(
-            parts,
-            hidden,
-            targets,
-            vocab_size=vocab,
-            tolerance=tolerance,
-            population=population,
-        ).tokens
+    per_token = [lens_of(llama, hidden[:, i : i + 1], targets[i : i + 1]) for i in range(1024)]
+    values = torch.stack([torch.cat([s.transport, s.end_to_end[None]]) for s in per_token], 1)
+    population = 4096
+    tolerance = 0.01
+    taken = lens_of(llama, hidden, targets, tolerance=tolerance, population=population).tokens
     for count in (taken - lens.SEQUENTIAL_BLOCK, taken):
         sample = values[:, :count]
         error = (sample.var(dim=1) / count * (1 - count / population)).sqrt().max()
@@ -204,7 +191,6 @@ def test_a_tolerance_takes_tokens_until_the_standard_error_is_a_third_of_it(
 def test_the_ranks_agreement_decides_when_the_lens_stops(llama: PreTrainedModel) -> None:
     """Under ZeRO-3 each head call is a collective: a rank that wants to stop goes on while
     another does not (``agree``), and every block asks it."""
-    parts = resolve_model_parts(llama)
     hidden = torch.randn(4, 600, llama.config.hidden_size)
     targets = torch.zeros(600, dtype=torch.long)
     asked: list[bool] = []
@@ -213,14 +199,6 @@ def test_the_ranks_agreement_decides_when_the_lens_stops(llama: PreTrainedModel)
         asked.append(stop)
         return False
 
-    with torch.no_grad():
-        statistics = lens_statistics(
-            parts,
-            hidden,
-            targets,
-            vocab_size=llama.config.vocab_size,
-            tolerance=1.0,
-            agree=another_rank_goes_on,
-        )
+    statistics = lens_of(llama, hidden, targets, tolerance=1.0, agree=another_rank_goes_on)
     assert statistics.tokens == 600
     assert len(asked) == 600 // lens.SEQUENTIAL_BLOCK + 1 and asked[1] is True
