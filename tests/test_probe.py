@@ -491,12 +491,12 @@ def test_the_default_probe_is_within_its_stated_accuracy_of_every_token_in_float
 def test_later_runs_take_the_lens_tokens_the_first_run_settled_on(
     llama: PreTrainedModel, probe_batch: ProbeBatch
 ) -> None:
-    probe = SpinalProbe(llama, probe_batch, SpinalConfig(transport_tolerance=1.0))
+    from dataclasses import replace
+
+    probe = SpinalProbe(llama, probe_batch, SpinalConfig(transport_tolerance=1e-9))
     first = probe.run()
-    assert first.metadata["transport_tokens"] == min(256, probe_batch.num_valid_tokens)
-    with torch.no_grad():
-        for parameter in llama.parameters():
-            parameter.mul_(1.5)  # a changed model would need another sample size
+    assert first.metadata["transport_tokens"] == probe_batch.num_valid_tokens > 256
+    probe.config = replace(probe.config, transport_tolerance=1.0)  # alone it would settle on 256
     second = probe.run()
     assert second.metadata["transport_tokens"] == first.metadata["transport_tokens"]
 
