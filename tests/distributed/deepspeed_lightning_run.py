@@ -31,6 +31,7 @@ from tests.distributed.deepspeed_common import (
     zero_config,
 )
 from tests.distributed.lightning_dpo_ddp_run import TinyDPOModule, pair_batches
+from tests.distributed.teardown import close_process_group
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -133,7 +134,7 @@ def main() -> None:
         "unsharded_final": unsharded_trace(final, probe, trainer.global_step),
     }
     (options.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-    trainer.strategy.barrier()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from tests.distributed.teardown import close_process_group
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]
 
@@ -105,11 +106,7 @@ def main() -> None:
         "global_step": trainer.state.global_step,
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    # An orderly teardown: leaving the gloo group alive at interpreter exit was seen to abort one
-    # rank ("terminate called without an active exception") after a successful run.
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
