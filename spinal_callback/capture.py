@@ -28,14 +28,19 @@ class _StopForward(Exception):
     """Raised by the last hooked block: nothing after it is needed."""
 
 
-def forward_inputs(parts: ModelParts, batch: ProbeBatch) -> dict[str, Tensor]:
-    """Keyword inputs of a probe forward, on the CPU: int64 ``[b, t]`` ``input_ids`` and
-    ``attention_mask``, and ``position_ids`` counted over real tokens (so left padding shifts
-    nothing) where the model's forward accepts them."""
+def forward_inputs(
+    parts: ModelParts,
+    batch: ProbeBatch,
+    rows: slice = slice(None),
+    columns: slice = slice(None),
+) -> dict[str, Tensor]:
+    """Keyword inputs of a probe forward over ``batch[rows, columns]``, on the CPU: int64
+    ``[b, t]`` ``input_ids`` and ``attention_mask``, and ``position_ids`` counted over real
+    tokens (so left padding shifts nothing) where the model's forward accepts them."""
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     if "position_ids" in inspect.signature(parts.model.forward).parameters:
         inputs["position_ids"] = batch.position_ids
-    return inputs
+    return {name: value[rows, columns] for name, value in inputs.items()}
 
 
 def capture_block_outputs(
@@ -102,6 +107,47 @@ def capture_block_outputs(
             "(early exit or layer dropout): trace blocks that always run (late_layers)"
         )
     return [torch.stack([captured[i][k] for i in layers]) for k in range(len(selections))]
+
+
+def lens_and_model_logits(
+    parts: ModelParts, inputs: dict[str, Tensor]
+) -> tuple[Tensor, Tensor | None]:
+    """Run the whole forward of ``parts.forward_entry()``; the lens of its last block, taken in
+    a hook while the forward runs, and the logits the model returns.
+
+    Inside the forward a sharding engine has the root unit's parameters (final norm, head)
+    gathered, so the lens needs nothing of its own. Under ZeRO-3 the engine's module-order trace
+    is dropped before and after, as for ``capture_block_outputs``. The caller chooses grad, eval
+    and autocast modes.
+
+    Args:
+        parts: the resolved model.
+        inputs: ``forward_inputs`` on the model's device, ``[b, t]``.
+
+    Returns:
+        ``parts.lens_logits`` of the last block's output ``[b, t, V]``, and the logits the
+        model returns ``[b, t, V]`` (``None`` from a model that returns none, e.g. a fused loss
+        head).
+    """
+    lens: list[Tensor] = []
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        lens.append(parts.lens_logits(output[0] if isinstance(output, (tuple, list)) else output))
+
+    zero3 = parts.zero3_partitioned
+    if zero3:
+        forget_zero3_trace(parts.model)
+    handle = parts.blocks[-1].register_forward_hook(hook)
+    try:
+        output = parts.forward_entry()(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+        if zero3:
+            forget_zero3_trace(parts.model)
+    if not lens:
+        raise RuntimeError("the forward never reached the last block (early exit?)")
+    logits = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
+    return lens[-1], logits
 
 
 def forget_zero3_trace(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ FINAL_NORM_PATHS = (
     "model.final_layernorm",
     "transformer.norm_f",
     "model.language_model.norm",
+    "model.embedding_norm",  # LFM2: despite its name, applied after the last block
 )
 HEAD_INPUT_PATHS = ("model.decoder.project_out",)
 
@@ -51,6 +52,10 @@ class ModelParts:
         head: the unembedding (``hidden -> logits``).
         head_input: a projection between the final norm and the head (OPT's ``project_out``).
         logit_softcap: ``cap`` for models whose logits are ``cap * tanh(logits / cap)`` (Gemma 2).
+        logit_scale: ``s`` for models that multiply the head's output by a constant before any
+            soft cap (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, a hidden-state
+            multiplier ahead of the head). ``None`` at resolution; the probe measures it once
+            (``SpinalProbe`` checks that the lens of the last block gives the model's logits).
         paths: the attribute paths found, for messages and fingerprints.
         entry: the module whose forward the probe calls: ``model``, or the outermost FSDP (v1)
             wrapper, whose forward gathers the sharded parameters. Other wrappers are skipped
@@ -69,6 +74,7 @@ class ModelParts:
     paths: dict[str, str]
     entry: nn.Module
     outer: nn.Module | None = None
+    logit_scale: float | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -98,7 +104,7 @@ class ModelParts:
         """
         projected = self.lens_inputs(hidden)
         if head_weight is None:
-            return self.softcapped(self.head(projected))
+            return self.finished(self.head(projected))
         return self.head_logits(projected, head_weight)
 
     def lens_inputs(self, hidden: Tensor) -> Tensor:
@@ -114,15 +120,18 @@ class ModelParts:
     ) -> Tensor:
         """The logits of vocabulary ``columns`` (all by default) for ``lens_inputs`` output
         ``projected`` ``[..., d]``, from the head's ``[V, d]`` weight (``head_weight_as``):
-        ``[..., C]`` in the weight's dtype (or an enclosing autocast's), soft-capped like the
-        model's."""
+        ``[..., C]`` in the weight's dtype (or an enclosing autocast's), scaled and soft-capped
+        like the model's (``finished``)."""
         bias = getattr(self.head, "bias", None)
         weight = head_weight[columns]
         bias = None if bias is None else bias[columns].to(weight.dtype)
-        return self.softcapped(nn.functional.linear(projected.to(weight.dtype), weight, bias))
+        return self.finished(nn.functional.linear(projected.to(weight.dtype), weight, bias))
 
-    def softcapped(self, logits: Tensor) -> Tensor:
-        """``cap * tanh(logits / cap)`` for a soft-capping model (Gemma 2), else ``logits``."""
+    def finished(self, logits: Tensor) -> Tensor:
+        """The head's output as the model returns its logits: times ``logit_scale``, then
+        ``cap * tanh(logits / cap)`` for a soft-capping model (Gemma 2); else ``logits``."""
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.logit_softcap is None:
             return logits
         return torch.tanh(logits / self.logit_softcap) * self.logit_softcap

@@ -7,12 +7,14 @@ outside the task, which healthy DPO barely touches and a damaging run rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +25,12 @@ from spinal_callback.capture import (
     device_of,
     eval_mode,
     forward_inputs,
+    lens_and_model_logits,
 )
 from spinal_callback.config import SpinalConfig
 from spinal_callback.distributed import every_rank
 from spinal_callback.lens import LensStatistics, lens_statistics
+from spinal_callback.lens_check import LENS_CHECK_TOKENS, measured_logit_scale
 from spinal_callback.metrics import (
     RAMP_SUMMARY_NAMES,
     contraction_scores,
@@ -46,6 +50,8 @@ neutral texts) run as separate forwards instead of one stacked forward."""
 
 MIN_LATE_BAND = 4
 GROUP_NAMES = ("task", "neutral")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,8 @@ class SpinalProbe:
         """Per probe group (0: task, 1: neutral), the lens tokens its first run settled on."""
         self.probe_fingerprint = self._probe_fingerprint()
         self.model_fingerprint = _model_fingerprint(self.parts)
+        self.lens_checked = False
+        """Whether the first run checked the lens against the model's logits (``lens_check``)."""
 
     def run(self, step: int = 0) -> DepthTrace:
         """One no-grad, eval-mode forward; returns the trace (scores computed on device).
@@ -151,12 +159,10 @@ class SpinalProbe:
         """
         started = time.perf_counter()
         device = device_of(self.parts.model)
-        # no_grad, not inference_mode: FSDP materialises its gathered weights during the first
-        # forward, and weights created under inference_mode break the training step after it.
-        autocast = autocast_context(device, self.config.autocast_dtype)
-        # root_parameters_whole (FSDP integration): a sharded root's norm and head stay whole
-        # through the lens after the forward; every rank enters it, and it reshards on exit.
-        with torch.no_grad(), root_parameters_whole(self.model), eval_mode(self.model), autocast:
+        if not self.lens_checked:
+            with self._probing(device):
+                self._check_lens(device)
+        with self._probing(device):
             hidden = self._capture(device)
             scores = [
                 self._scores(hidden[2 * i], hidden[2 * i + 1], i) for i in range(len(self.groups))
@@ -210,6 +216,42 @@ class SpinalProbe:
                 "seconds": seconds,
             },
         )
+
+    @contextlib.contextmanager
+    def _probing(self, device: torch.device) -> Iterator[None]:
+        """The modes of a probe's forward and lens: no-grad, eval, the configured autocast, and
+        a sharded root's norm and head whole (``root_parameters_whole``, entered by every rank
+        alike; it reshards on exit). No-grad, not inference mode: FSDP materialises its
+        gathered weights during the first forward, and weights created in inference mode break
+        the training step after it."""
+        autocast = autocast_context(device, self.config.autocast_dtype)
+        with torch.no_grad(), root_parameters_whole(self.model), eval_mode(self.model), autocast:
+            yield
+
+    def _check_lens(self, device: torch.device) -> None:
+        """Run the model on the first probe row's first ``LENS_CHECK_TOKENS`` tokens and make
+        the lens of its last block give the logits the model returns: adopt the model's logit
+        scale where it has one (``lens_check.measured_logit_scale``; raises where no scale
+        does). Every rank of a sharded model runs it at its first probe, alike."""
+        first = int(self.stacked.attention_mask[0].nonzero()[0])  # a row's tokens are contiguous
+        columns = slice(first, first + LENS_CHECK_TOKENS)
+        check = forward_inputs(self.parts, self.stacked, slice(0, 1), columns)
+        inputs = {name: value.to(device) for name, value in check.items()}
+        lens, logits = lens_and_model_logits(self.parts, inputs)
+        if logits is None:  # a fused loss head returns no logits: nothing to compare with
+            self.lens_checked = True
+            return
+        if not (torch.isfinite(lens).all() and torch.isfinite(logits).all()):
+            return  # overflowed weights: the probe reports them; the next run checks again
+        scale = measured_logit_scale(self.parts, lens[0], logits[0])
+        if scale is not None:
+            self.parts = replace(self.parts, logit_scale=scale)
+            logger.info(
+                "spinal-callback: %s scales its head's logits by %.6g; the logit lens does too",
+                type(self.parts.model).__name__,
+                scale,
+            )
+        self.lens_checked = True
 
     def _capture(self, device: torch.device) -> list[Tensor]:
         """Forward with hooks on the late blocks; per group ``[L, n_s, d]`` and ``[L, n_t, d]``.

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
     Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -136,6 +138,12 @@ def _gemma2(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
     )
 
 
+def _granite(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
+    """Granite divides its head's logits by ``logits_scaling`` (Cohere multiplies them by
+    ``logit_scale``, 0.0625 by default): the lens must do the same."""
+    return _llama_like(GraniteConfig)(vocab_size, hidden, layers, logits_scaling=8.0)
+
+
 TINY_ARCHITECTURES: dict[str, Callable[[int, int, int], PretrainedConfig]] = {
     "llama": _llama_like(LlamaConfig),
     "mistral": _llama_like(MistralConfig),
@@ -143,6 +151,8 @@ TINY_ARCHITECTURES: dict[str, Callable[[int, int, int], PretrainedConfig]] = {
     "qwen3": _llama_like(Qwen3Config),
     "gemma2": _gemma2,
     "phi3": _llama_like(Phi3Config),
+    "cohere": _llama_like(CohereConfig),
+    "granite": _granite,
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,
     "opt": _opt,

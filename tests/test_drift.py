@@ -266,8 +266,8 @@ def test_the_reference_is_measured_once(
     reference.register_forward_pre_hook(lambda *args: forwards.append(1))
     for step in range(3):
         session.step(step)
-    # One reference depth trace and one reference drift measurement, at the first probe.
-    assert len(forwards) == 2
+    # At the first probe: the lens check, one reference depth trace and one drift measurement.
+    assert len(forwards) == 3
     assert session.drift.reference is not None
     assert session.drift.reference.device.type == "cpu"
     assert session.drift.reference.dtype == torch.float32
@@ -366,7 +366,7 @@ def test_drift_off_by_default_writes_no_drift_and_runs_no_extra_forward(
     for step in range(1, 3):
         session.step(step)
     writer.close()
-    assert len(forwards) == 3  # the probe's own forward only
+    assert len(forwards) == 1 + 3  # the first probe's lens check, then the probe's own forwards
     assert drift_logged(session) == {} and drift_steps(read_scalars(tmp_path)) == {}
     assert session.state_dict()["drift"] is None
 
@@ -379,7 +379,7 @@ def test_each_drift_probe_costs_one_extra_forward(
     llama.register_forward_pre_hook(lambda *args: forwards.append(1))
     for step in range(4):
         session.step(step)
-    assert len(forwards) == 4 + 2
+    assert len(forwards) == 1 + 4 + 2  # the lens check, four probes, two drift measurements
 
 
 # The training callbacks

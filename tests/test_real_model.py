@@ -38,7 +38,9 @@ def probe_of(model: torch.nn.Module, tokenizer: object) -> SpinalProbe:
 
 def test_the_real_model_has_language_and_its_trace_is_finite(real: tuple) -> None:
     model, tokenizer = real
-    trace = probe_of(model, tokenizer).run(step=0)
+    probe = probe_of(model, tokenizer)
+    trace = probe.run(step=0)
+    assert probe.lens_checked and probe.parts.logit_scale is None  # its lens is its own head
     assert trace.is_finite and trace.neutral is not None
     assert trace.num_blocks == 30 and len(trace.layers) == 10
     assert trace.neutral.metadata["vocab_size"] == 49152

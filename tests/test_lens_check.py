@@ -1,0 +1,171 @@
+"""The logit lens is the model's own head: checked, and the model's logit scale taken, before the
+first probe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from spinal_callback.lens_check import fitted_logit_scale, largest_gap
+from spinal_callback.model_access import ModelAccessError
+from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.tiny import TINY_ARCHITECTURES
+
+
+def last_block_output_and_logits(
+    probe: SpinalProbe, batch: ProbeBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    captured: list[torch.Tensor] = []
+    handle = probe.parts.blocks[-1].register_forward_hook(
+        lambda module, args, output: captured.append(
+            output[0] if isinstance(output, tuple) else output
+        )
+    )
+    with torch.no_grad():
+        logits = probe.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    handle.remove()
+    return captured[0], logits
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
+def test_after_the_first_run_the_lens_of_the_last_block_gives_the_models_logits(
+    architecture: str,
+    make_model: Callable[..., PreTrainedModel],
+    probe_batch: ProbeBatch,
+) -> None:
+    probe = SpinalProbe(make_model(architecture, layers=4), probe_batch)
+    probe.run()
+    hidden, logits = last_block_output_and_logits(probe, probe_batch)
+    with torch.no_grad():
+        lens = probe.parts.lens_logits(hidden)
+    torch.testing.assert_close(
+        torch.log_softmax(lens, -1), torch.log_softmax(logits, -1), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("architecture", "scale"),
+    [("cohere", 0.0625), ("granite", 1 / 8), ("llama", None), ("gemma2", None), ("opt", None)],
+)
+def test_the_probe_takes_the_models_logit_scale_and_no_other(
+    architecture: str,
+    scale: float | None,
+    make_model: Callable[..., PreTrainedModel],
+    probe_batch: ProbeBatch,
+) -> None:
+    probe = SpinalProbe(make_model(architecture, layers=4), probe_batch)
+    assert probe.parts.logit_scale is None
+    probe.run()
+    assert probe.lens_checked
+    if scale is None:
+        assert probe.parts.logit_scale is None
+    else:
+        assert probe.parts.logit_scale == pytest.approx(scale, rel=1e-5)
+
+
+def test_a_scaled_models_next_token_nll_is_its_own(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    batch = ProbeBatch.from_texts(tokenizer, probe_texts[:4])  # < 256 tokens: the lens takes all
+    probe = SpinalProbe(make_model("cohere", layers=4), batch)
+    trace = probe.run()
+    assert probe.lens_tokens[0] == batch.num_valid_tokens
+    _, logits = last_block_output_and_logits(probe, batch)
+    targets = batch.input_ids[:, 1:]
+    has_target = batch.attention_mask[:, 1:].bool()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1][has_target].double(), targets[has_target], reduction="mean"
+    )
+    assert trace.next_token_nll == pytest.approx(float(nll), rel=1e-4)
+
+
+def test_a_head_transform_no_scale_explains_fails_the_first_run_with_what_to_do(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = make_model("llama", layers=4)
+    original = model.forward
+    vocabulary_bias = 3.0 * torch.randn(model.config.vocab_size)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        output.logits = output.logits + vocabulary_bias
+        return output
+
+    model.forward = forward  # type: ignore[method-assign]
+    probe = SpinalProbe(model, probe_batch)
+    with pytest.raises(ModelAccessError, match="does not give the model's next-token") as error:
+        probe.run()
+    assert "head_path" in str(error.value)
+    assert "LlamaForCausalLM" in str(error.value)
+
+
+def test_the_fitted_scale_is_exact_whatever_constant_each_token_adds() -> None:
+    raw = torch.randn(6, 50, dtype=torch.float64)
+    shifted = 0.3 * raw + torch.randn(6, 1, dtype=torch.float64)
+    assert fitted_logit_scale(raw, shifted) == pytest.approx(0.3, rel=1e-12)
+    assert largest_gap(0.3 * raw, shifted) == pytest.approx(0.0, abs=1e-12)
+    assert largest_gap(raw, shifted) > 0.05
+
+
+def test_an_overflowed_model_is_still_probed_and_checked_at_a_later_run(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = make_model("cohere", layers=4)
+    weight = model.get_output_embeddings().weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    probe = SpinalProbe(model, probe_batch)
+    trace = probe.run()
+    assert not torch.isfinite(trace.transport).all()
+    assert not probe.lens_checked
+    with torch.no_grad():
+        weight.copy_(saved)
+    probe.run()
+    assert probe.lens_checked
+    assert probe.parts.logit_scale == pytest.approx(0.0625, rel=1e-5)
+
+
+def hub_architecture(name: str, vocab_size: int, **extra: Any) -> PreTrainedModel:
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **extra,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "scale"),
+    [
+        ("Lfm2", {}, None),  # its final norm is called embedding_norm
+        ("FalconH1", {"lm_head_multiplier": 0.5}, 0.5),  # a multiplier outside the head
+    ],
+)
+def test_unusual_final_norms_and_head_multipliers_of_other_architectures(
+    name: str,
+    extra: dict[str, Any],
+    scale: float | None,
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    batch = ProbeBatch.from_texts(tokenizer, probe_texts[:2])  # FalconH1's scan is slow on a CPU
+    probe = SpinalProbe(hub_architecture(name, len(tokenizer), **extra), batch)
+    assert probe.run().is_finite
+    assert probe.parts.logit_scale == (None if scale is None else pytest.approx(scale, rel=1e-5))
