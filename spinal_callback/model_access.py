@@ -220,7 +220,14 @@ def resolve_model_parts(
         None,
     )
     config = getattr(inner, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = next(
+        (
+            getattr(c, "final_logit_softcapping", None)
+            for c in (config, _text_config(config))
+            if getattr(c, "final_logit_softcapping", None)
+        ),
+        None,
+    )
     return ModelParts(
         model=inner,
         blocks=blocks,
@@ -232,6 +239,12 @@ def resolve_model_parts(
         entry=next((m for m in chain if type(m).__name__ == "FullyShardedDataParallel"), inner),
         outer=next(m for m in chain if not _is_engine_wrapper(m)),
     )
+
+
+def _text_config(config: object) -> object:
+    """A multimodal config's language-model part (where its soft cap lives), else ``config``."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
 
 
 def _get_path(root: nn.Module, path: str) -> object | None:

@@ -49,6 +49,9 @@ MAX_PADDING_WASTE = 0.25
 neutral texts) run as separate forwards instead of one stacked forward."""
 
 MIN_LATE_BAND = 4
+
+LENS_CHECK_ATTEMPTS = 3
+"""Runs that may try the lens check on non-finite logits before it is given up as unverified."""
 GROUP_NAMES = ("task", "neutral")
 
 logger = logging.getLogger(__name__)
@@ -151,6 +154,7 @@ class SpinalProbe:
         self.model_fingerprint = _model_fingerprint(self.parts)
         self.lens_checked = False
         """Whether the first run checked the lens against the model's logits (``lens_check``)."""
+        self.lens_check_attempts = 0
 
     def run(self, step: int = 0) -> DepthTrace:
         """One no-grad, eval-mode forward; returns the trace (scores computed on device).
@@ -229,20 +233,32 @@ class SpinalProbe:
             yield
 
     def _check_lens(self, device: torch.device) -> None:
-        """Run the model on the first probe row's first ``LENS_CHECK_TOKENS`` tokens and make
-        the lens of its last block give the logits the model returns: adopt the model's logit
+        """Run the model on ``LENS_CHECK_TOKENS`` tokens of the longest probe row and make the
+        lens of its last block give the logits the model returns: adopt the model's logit
         scale where it has one (``lens_check.measured_logit_scale``; raises where no scale
-        does). Every rank of a sharded model runs it at its first probe, alike."""
-        first = int(self.stacked.attention_mask[0].nonzero()[0])  # a row's tokens are contiguous
+        does). Every rank of a sharded model runs it at its first probe, alike.
+
+        Logits with a non-finite value (overflowed weights) decide nothing: the next run checks
+        again, up to ``LENS_CHECK_ATTEMPTS`` runs; then, as for a model that returns no logits,
+        a warning says that the lens is unverified."""
+        self.lens_check_attempts += 1
+        mask = self.stacked.attention_mask
+        row = int(mask.sum(dim=1).argmax())
+        first = int(mask[row].nonzero()[0])  # a row's tokens are contiguous
         columns = slice(first, first + LENS_CHECK_TOKENS)
-        check = forward_inputs(self.parts, self.stacked, slice(0, 1), columns)
+        check = forward_inputs(self.parts, self.stacked, slice(row, row + 1), columns)
         inputs = {name: value.to(device) for name, value in check.items()}
         lens, logits = lens_and_model_logits(self.parts, inputs)
-        if logits is None:  # a fused loss head returns no logits: nothing to compare with
-            self.lens_checked = True
+        if logits is None or not (torch.isfinite(lens).all() and torch.isfinite(logits).all()):
+            if logits is None or self.lens_check_attempts >= LENS_CHECK_ATTEMPTS:
+                self.lens_checked = True
+                why = "returns no logits" if logits is None else "keeps giving non-finite logits"
+                logger.warning(
+                    "spinal-callback: the logit lens is unverified: the model %s, so the probe "
+                    "cannot check that its final norm and head are the model's own",
+                    why,
+                )
             return
-        if not (torch.isfinite(lens).all() and torch.isfinite(logits).all()):
-            return  # overflowed weights: the probe reports them; the next run checks again
         scale = measured_logit_scale(self.parts, lens[0], logits[0])
         if scale is not None:
             self.parts = replace(self.parts, logit_scale=scale)

@@ -3,6 +3,8 @@ first probe."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,9 +13,10 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback.lens_check import fitted_logit_scale, largest_gap
-from spinal_callback.model_access import ModelAccessError
-from spinal_callback.probe import ProbeBatch, SpinalProbe
+from spinal_callback.config import SpinalConfig
+from spinal_callback.lens_check import fit_logits, largest_gap
+from spinal_callback.model_access import ModelAccessError, resolve_model_parts
+from spinal_callback.probe import LENS_CHECK_ATTEMPTS, ProbeBatch, SpinalProbe
 from spinal_callback.tiny import TINY_ARCHITECTURES
 
 
@@ -109,13 +112,106 @@ def test_a_head_transform_no_scale_explains_fails_the_first_run_with_what_to_do(
 def test_the_fitted_scale_is_exact_whatever_constant_each_token_adds() -> None:
     raw = torch.randn(6, 50, dtype=torch.float64)
     shifted = 0.3 * raw + torch.randn(6, 1, dtype=torch.float64)
-    assert fitted_logit_scale(raw, shifted) == pytest.approx(0.3, rel=1e-12)
+    fit = fit_logits(raw, shifted)
+    assert fit.scale == pytest.approx(0.3, rel=1e-12)
+    assert fit.residual == pytest.approx(0.0, abs=1e-12)
     assert largest_gap(0.3 * raw, shifted) == pytest.approx(0.0, abs=1e-12)
     assert largest_gap(raw, shifted) > 0.05
+    assert fit_logits(raw, shifted + torch.randn(50, dtype=torch.float64)).residual > 0.5
+
+
+def with_forward(model: PreTrainedModel, change: Callable[[Any], Any]) -> PreTrainedModel:
+    """``model`` whose forward's output goes through ``change`` (a head the lens cannot see)."""
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return change(original(*args, **kwargs))
+
+    model.forward = forward  # type: ignore[method-assign]
+    return model
+
+
+def with_logits(output: Any, logits: torch.Tensor | None) -> Any:
+    output.logits = logits
+    return output
+
+
+@pytest.mark.parametrize("in_bfloat16", ["autocast", "weights"])
+def test_a_scale_that_bfloat16_rounds_is_still_found(
+    in_bfloat16: str,
+    make_model: Callable[..., PreTrainedModel],
+    probe_batch: ProbeBatch,
+) -> None:
+    model = make_model("cohere", layers=4)
+    model.config.logit_scale = 0.8333  # Command R+'s, not a power of two
+    model.logit_scale = 0.8333
+    config = SpinalConfig(autocast_dtype="bfloat16" if in_bfloat16 == "autocast" else None)
+    if in_bfloat16 == "weights":
+        model = model.to(torch.bfloat16)
+    probe = SpinalProbe(model, probe_batch, config)
+    probe.run()
+    assert probe.parts.logit_scale == pytest.approx(0.8333, rel=1e-2)
+
+
+def test_the_check_reads_a_left_padded_probe_from_its_first_real_token(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+) -> None:
+    batch = ProbeBatch.from_texts(tokenizer, probe_texts, padding_side="left")
+    probe = SpinalProbe(make_model("granite", layers=4), batch)
+    probe.run()
+    assert probe.parts.logit_scale == pytest.approx(1 / 8, rel=1e-5)
+
+
+def test_a_model_that_returns_the_last_positions_only_is_checked_on_them(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = with_forward(
+        make_model("cohere", layers=4), lambda out: with_logits(out, out.logits[:, -2:])
+    )
+    probe = SpinalProbe(model, probe_batch)
+    probe.run()
+    assert probe.parts.logit_scale == pytest.approx(0.0625, rel=1e-5)
+
+
+def test_a_model_that_returns_another_vocabulary_is_told_to_name_its_head(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    model = with_forward(
+        make_model("llama", layers=4), lambda out: with_logits(out, out.logits[..., :-10])
+    )
+    with pytest.raises(ModelAccessError, match="384 logits per token and the model returns 374"):
+        SpinalProbe(model, probe_batch).run()
+
+
+def test_a_model_that_returns_no_logits_is_probed_with_a_warning_that_the_lens_is_unverified(
+    make_model: Callable[..., PreTrainedModel],
+    probe_batch: ProbeBatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = with_forward(make_model("llama", layers=4), lambda out: with_logits(out, None))
+    probe = SpinalProbe(model, probe_batch)
+    with caplog.at_level(logging.WARNING, logger="spinal_callback"):
+        assert probe.run().is_finite
+    assert probe.lens_checked and probe.parts.logit_scale is None
+    assert "the logit lens is unverified: the model returns no logits" in caplog.text
+
+
+def test_a_multimodal_configs_soft_cap_is_read_from_its_text_config(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
+    model = make_model("llama", layers=4)
+    text_config = copy.copy(model.config)
+    text_config.final_logit_softcapping = 30.0
+    model.config.get_text_config = lambda *args, **kwargs: text_config
+    assert resolve_model_parts(model).logit_softcap == 30.0
 
 
 def test_an_overflowed_model_is_still_probed_and_checked_at_a_later_run(
-    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+    make_model: Callable[..., PreTrainedModel],
+    probe_batch: ProbeBatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model = make_model("cohere", layers=4)
     weight = model.get_output_embeddings().weight
@@ -131,6 +227,14 @@ def test_an_overflowed_model_is_still_probed_and_checked_at_a_later_run(
     probe.run()
     assert probe.lens_checked
     assert probe.parts.logit_scale == pytest.approx(0.0625, rel=1e-5)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    stuck = SpinalProbe(model, probe_batch)
+    with caplog.at_level(logging.WARNING, logger="spinal_callback"):
+        for _ in range(LENS_CHECK_ATTEMPTS):
+            stuck.run()
+    assert stuck.lens_checked and stuck.parts.logit_scale is None
+    assert "keeps giving non-finite logits" in caplog.text
 
 
 def hub_architecture(name: str, vocab_size: int, **extra: Any) -> PreTrainedModel:
