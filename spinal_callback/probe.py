@@ -86,7 +86,15 @@ def late_band(num_blocks: int, late_layers: Sequence[int] | None = None) -> list
     """Block indices to trace: ``late_layers`` normalised, or the default late band.
 
     The default is the last ``ceil(num_blocks / 3)`` blocks, at least 4, at most ``num_blocks``.
+
+    Raises:
+        ValueError: fewer than 2 blocks to trace (transport is between adjacent blocks).
     """
+    if num_blocks < 2:
+        raise ValueError(
+            f"the model has {num_blocks} decoder block(s); a depth trace needs at least 2 "
+            "(transport is measured between adjacent blocks), so this model cannot be probed"
+        )
     if late_layers is None:
         count = min(num_blocks, max(MIN_LATE_BAND, math.ceil(num_blocks / 3)))
         return list(range(num_blocks - count, num_blocks))
@@ -215,6 +223,7 @@ class SpinalProbe:
                 "spectrum_tokens": int(group.spectrum_index.numel()),
                 "transport_tokens": self.lens_tokens[group_index],
                 "vocab_size": self.vocab_size,
+                "logit_scale": self.parts.logit_scale,
                 "hidden_dtype": hidden_dtype.removeprefix("torch."),
                 "device": str(device),
                 "seconds": seconds,

@@ -63,12 +63,13 @@ def test_the_probe_takes_the_models_logit_scale_and_no_other(
 ) -> None:
     probe = SpinalProbe(make_model(architecture, layers=4), probe_batch)
     assert probe.parts.logit_scale is None
-    probe.run()
+    trace = probe.run()
     assert probe.lens_checked
     if scale is None:
         assert probe.parts.logit_scale is None
     else:
         assert probe.parts.logit_scale == pytest.approx(scale, rel=1e-5)
+    assert trace.metadata["logit_scale"] == probe.parts.logit_scale
 
 
 def test_a_scaled_models_next_token_nll_is_its_own(

@@ -92,6 +92,13 @@ def test_default_late_band_is_last_third_at_least_four() -> None:
     assert late_band(3) == [0, 1, 2]
 
 
+def test_a_model_of_one_block_is_refused_at_setup(
+    make_model: Callable[..., PreTrainedModel], probe_batch: ProbeBatch
+) -> None:
+    with pytest.raises(ValueError, match="1 decoder block.*needs at least 2"):
+        SpinalProbe(make_model("llama", layers=1), probe_batch)
+
+
 def test_late_band_accepts_negative_indices_and_rejects_out_of_range() -> None:
     assert late_band(8, [-1, -3, 5]) == [5, 7]
     with pytest.raises(ValueError, match=r"\[9\] out of range for a model with 8 blocks"):
