@@ -79,7 +79,10 @@ def build_tiny_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **_SPECIAL_TOKENS)
 
 
-def _llama_like(config_class: Callable[..., PretrainedConfig]) -> Callable[..., PretrainedConfig]:
+def llama_like(config_class: Callable[..., PretrainedConfig]) -> Callable[..., PretrainedConfig]:
+    """``build(vocab_size, hidden, layers, **extra)``: a tiny config of ``config_class`` (any
+    architecture with Llama's config fields), 4 heads, 2 key-value heads, the tiny token ids."""
+
     def build(vocab_size: int, hidden: int, layers: int, **extra: Any) -> PretrainedConfig:
         return config_class(
             vocab_size=vocab_size,
@@ -133,7 +136,7 @@ def _opt(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
 
 
 def _gemma2(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
-    return _llama_like(Gemma2Config)(
+    return llama_like(Gemma2Config)(
         vocab_size, hidden, layers, head_dim=hidden // 4, final_logit_softcapping=30.0
     )
 
@@ -141,17 +144,17 @@ def _gemma2(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
 def _granite(vocab_size: int, hidden: int, layers: int) -> PretrainedConfig:
     """Granite divides its head's logits by ``logits_scaling`` (Cohere multiplies them by
     ``logit_scale``, 0.0625 by default): the lens must do the same."""
-    return _llama_like(GraniteConfig)(vocab_size, hidden, layers, logits_scaling=8.0)
+    return llama_like(GraniteConfig)(vocab_size, hidden, layers, logits_scaling=8.0)
 
 
 TINY_ARCHITECTURES: dict[str, Callable[[int, int, int], PretrainedConfig]] = {
-    "llama": _llama_like(LlamaConfig),
-    "mistral": _llama_like(MistralConfig),
-    "qwen2": _llama_like(Qwen2Config),
-    "qwen3": _llama_like(Qwen3Config),
+    "llama": llama_like(LlamaConfig),
+    "mistral": llama_like(MistralConfig),
+    "qwen2": llama_like(Qwen2Config),
+    "qwen3": llama_like(Qwen3Config),
     "gemma2": _gemma2,
-    "phi3": _llama_like(Phi3Config),
-    "cohere": _llama_like(CohereConfig),
+    "phi3": llama_like(Phi3Config),
+    "cohere": llama_like(CohereConfig),
     "granite": _granite,
     "gpt2": _gpt2,
     "gpt_neox": _gpt_neox,

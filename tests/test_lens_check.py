@@ -17,7 +17,7 @@ from spinal_callback.config import SpinalConfig
 from spinal_callback.lens_check import fit_logits, largest_gap
 from spinal_callback.model_access import ModelAccessError, resolve_model_parts
 from spinal_callback.probe import LENS_CHECK_ATTEMPTS, ProbeBatch, SpinalProbe
-from spinal_callback.tiny import TINY_ARCHITECTURES
+from spinal_callback.tiny import TINY_ARCHITECTURES, llama_like
 
 
 def last_block_output_and_logits(
@@ -239,19 +239,7 @@ def test_an_overflowed_model_is_still_probed_and_checked_at_a_later_run(
 
 
 def hub_architecture(name: str, vocab_size: int, **extra: Any) -> PreTrainedModel:
-    config = getattr(transformers, f"{name}Config")(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        **extra,
-    )
+    config = llama_like(getattr(transformers, f"{name}Config"))(vocab_size, 64, 4, **extra)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
