@@ -31,6 +31,7 @@ __all__ = [
     "fit_logits",
     "largest_gap",
     "measured_logit_scale",
+    "same_logit_scale",
 ]
 
 LENS_CHECK_TOKENS = 16
@@ -125,3 +126,12 @@ def measured_logit_scale(parts: ModelParts, lens: Tensor, model_logits: Tensor) 
         "does not know; pass SpinalConfig(final_norm_path=..., head_path=...) naming modules "
         "that map the last block's output to the model's logits"
     )
+
+
+def same_logit_scale(first: float | None, second: float | None) -> bool:
+    """Whether two traces' ``metadata["logit_scale"]`` (a float, or ``None``/absent for no
+    scale) are one model's: both none, or within 1% (a refit in bfloat16 moves the third
+    digit)."""
+    if first is None or second is None:
+        return first is second
+    return abs(float(first) - float(second)) <= 0.01 * abs(float(second))

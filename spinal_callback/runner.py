@@ -34,6 +34,7 @@ from spinal_callback.detector import RampMonitor
 from spinal_callback.drift import DriftMeter, drift_scalars
 from spinal_callback.events import Alert, AlertLevel
 from spinal_callback.history import TraceHistory
+from spinal_callback.lens_check import same_logit_scale
 from spinal_callback.model_access import peft_model_in
 from spinal_callback.outputs import AlertHook, Outputs
 from spinal_callback.probe import ProbeBatch, SpinalProbe
@@ -367,15 +368,12 @@ class Runner:
     def _baseline_for(self, trace: DepthTrace, step: int) -> None:
         """Trace the reference at the first probe; restart the baseline when the probe changed
         (a halved batch after running out of memory, or other texts or layers on resume)."""
-        if self.reference is not None and trace.probe_fingerprint != (
-            self.reference.probe_fingerprint
-        ):
+        change = None if self.reference is None else _probe_change(self.reference, trace)
+        if change is not None:
             self.outputs.note(
                 step,
-                f"the probe changed at step {step} (fingerprint "
-                f"{self.reference.probe_fingerprint[:8]} -> {trace.probe_fingerprint[:8]}: other "
-                "texts, layers or batch size); the reference is traced again, the rules restart "
-                "and earlier traces leave the heatmap",
+                f"the probe changed at step {step} ({change}); the reference is traced again, "
+                "the rules restart and earlier traces leave the heatmap",
             )
             self.reference = None
             self.monitor = RampMonitor(self.config)
@@ -629,6 +627,22 @@ def _half(batch: ProbeBatch) -> ProbeBatch:
     if rows == 0:
         raise ValueError("the probe batch has a single row and cannot be halved")
     return ProbeBatch(batch.input_ids[:rows], batch.attention_mask[:rows])
+
+
+def _probe_change(reference: DepthTrace, trace: DepthTrace) -> str | None:
+    """How ``trace`` was probed otherwise than ``reference`` (its texts, layers or batch size:
+    the fingerprint; or the lens's logit scale, e.g. against a reference saved before the
+    lens was checked), or ``None`` when the two compare."""
+    if trace.probe_fingerprint != reference.probe_fingerprint:
+        return (
+            f"fingerprint {reference.probe_fingerprint[:8]} -> {trace.probe_fingerprint[:8]}: "
+            "other texts, layers or batch size"
+        )
+    before, now = reference.metadata.get("logit_scale"), trace.metadata.get("logit_scale")
+    if not same_logit_scale(before, now):
+        shown = ["none" if scale is None else f"{scale:.4g}" for scale in (before, now)]
+        return f"the lens's logit scale {shown[0]} -> {shown[1]}"
+    return None
 
 
 def _probe_alert(step: int, message: str) -> Alert:

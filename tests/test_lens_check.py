@@ -14,7 +14,7 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.lens_check import fit_logits, largest_gap
+from spinal_callback.lens_check import fit_logits, largest_gap, same_logit_scale
 from spinal_callback.model_access import ModelAccessError, resolve_model_parts
 from spinal_callback.probe import LENS_CHECK_ATTEMPTS, ProbeBatch, SpinalProbe
 from spinal_callback.tiny import TINY_ARCHITECTURES, llama_like
@@ -262,3 +262,10 @@ def test_unusual_final_norms_and_head_multipliers_of_other_architectures(
     probe = SpinalProbe(hub_architecture(name, len(tokenizer), **extra), batch)
     assert probe.run().is_finite
     assert probe.parts.logit_scale == (None if scale is None else pytest.approx(scale, rel=1e-5))
+
+
+def test_two_fits_of_one_scale_compare_and_a_missing_scale_does_not() -> None:
+    assert same_logit_scale(None, None)
+    assert same_logit_scale(0.8330, 0.8333)  # refits in bfloat16
+    assert not same_logit_scale(None, 0.0625)
+    assert not same_logit_scale(0.0625, 0.125)

@@ -469,3 +469,28 @@ def test_a_resumed_probe_takes_as_many_lens_tokens_as_its_restored_reference(
     resumed.setup(llama, tokenizer)
     resumed.load_state_dict(state)
     assert resumed.probe is not None and resumed.probe.lens_tokens == settled
+
+
+def test_a_resume_from_a_reference_probed_without_the_models_logit_scale_restarts_the_baseline(
+    make_model: Callable[..., PreTrainedModel],
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cohere = make_model("cohere", layers=4)
+    first = make_runner(cohere)
+    FakeTrainer(first, cohere, tmp_path).fit(max_steps=4)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["reference"]["metadata"]["logit_scale"] == pytest.approx(0.0625)
+    unchanged = make_runner(cohere)
+    unchanged.load_state_dict(state)
+    del state["reference"]["metadata"]["logit_scale"]  # saved before the lens was checked
+    resumed = make_runner(cohere)
+    resumed.load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="spinal_callback"):
+        FakeTrainer(unchanged, cohere, tmp_path / "unchanged").fit(max_steps=6, start=4)
+        assert "the probe changed" not in caplog.text
+        FakeTrainer(resumed, cohere, tmp_path / "resumed").fit(max_steps=6, start=4)
+    assert "the probe changed at step 6 (the lens's logit scale none -> 0.0625)" in caplog.text
+    assert resumed.reference is not None
+    assert resumed.reference.metadata["logit_scale"] == pytest.approx(0.0625)
