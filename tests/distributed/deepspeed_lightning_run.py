@@ -31,7 +31,7 @@ from tests.distributed.deepspeed_common import (
     zero_config,
 )
 from tests.distributed.lightning_dpo_ddp_run import TinyDPOModule, pair_batches
-from tests.distributed.teardown import close_process_group
+from tests.distributed.teardown import end_distributed_run
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -134,7 +134,7 @@ def main() -> None:
         "unsharded_final": unsharded_trace(final, probe, trainer.global_step),
     }
     (options.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-    close_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from tests.distributed.deepspeed_common import (
     unsharded_trace,
     zero_config,
 )
+from tests.distributed.teardown import end_distributed_run
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]
 
@@ -166,8 +167,7 @@ def main() -> None:
         "unsharded_final": unsharded_trace(final, probe, trainer.state.global_step),
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from lightning_sharded_run import engine_state, trace_record
 
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from tests.distributed.teardown import end_distributed_run
 
 
 def probe_once(wrapper: str, cold: bool, batch: ProbeBatch, vocabulary: int) -> dict[str, Any]:
@@ -65,8 +66,7 @@ def main() -> None:
         },
     }
     (options.out_dir / f"rank{record['rank']}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from trl_ddp_run import preference_rows
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.probe import SpinalProbe
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from tests.distributed.teardown import end_distributed_run
 
 EVERY_N_STEPS = 2
 
@@ -177,8 +178,7 @@ def main() -> None:
     rank = dist.get_rank()
     record = {"rank": rank, "world_size": dist.get_world_size(), "runs": runs}
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch import nn
 
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from tests.distributed.teardown import end_distributed_run
 
 
 def trace_record(probe: SpinalProbe, step: int) -> dict[str, Any]:
@@ -129,8 +130,7 @@ def main() -> None:
         "train_after_cold_probe_error": train_error,
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from spinal_callback.integrations.lightning import SpinalCallback
 from spinal_callback.probe import SpinalProbe
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
-from tests.distributed.teardown import close_process_group
+from tests.distributed.teardown import end_distributed_run
 
 
 class TinyDPOModule(pl.LightningModule):
@@ -129,7 +129,7 @@ def main() -> None:
         "global_step": trainer.global_step,
     }
     (options.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-    close_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from spinal_callback.integrations.lightning import SpinalCallback
 from spinal_callback.probe import SpinalProbe
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.trace import DepthTrace
+from tests.distributed.teardown import end_distributed_run
 
 EVERY_N_STEPS = 2
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
@@ -267,8 +268,7 @@ def main() -> None:
     }
     record = {"rank": rank, "world_size": dist.get_world_size(), "runs": runs}
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
-from tests.distributed.teardown import close_process_group
+from tests.distributed.teardown import end_distributed_run
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]
 
@@ -106,7 +106,7 @@ def main() -> None:
         "global_step": trainer.state.global_step,
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    close_process_group()
+    end_distributed_run()
 
 
 if __name__ == "__main__":
