@@ -84,22 +84,10 @@ def capture_block_outputs(
         return hook
 
     keywords: dict[str, Any] = {"use_cache": False}
-    if not stop:
-        # Untraced, ZeRO-3 releases each module's parameters right after the module ran;
-        # following a training trace it would keep those the trace reuses soon gathered.
-        forget_zero3_trace(parts.model)
-        if "logits_to_keep" in inspect.signature(parts.model.forward).parameters:
-            keywords["logits_to_keep"] = 1
-    handles = [parts.blocks[i].register_forward_hook(hook_for(i)) for i in layers]
-    try:
+    if not stop and "logits_to_keep" in inspect.signature(parts.model.forward).parameters:
+        keywords["logits_to_keep"] = 1
+    with _block_hooks(parts, {i: hook_for(i) for i in layers}), contextlib.suppress(_StopForward):
         parts.forward_entry()(**inputs, **keywords)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        if not stop:
-            forget_zero3_trace(parts.model)
     missing = [i for i in layers if i not in captured]
     if missing:
         raise RuntimeError(
@@ -116,9 +104,8 @@ def lens_and_model_logits(
     a hook while the forward runs, and the logits the model returns.
 
     Inside the forward a sharding engine has the root unit's parameters (final norm, head)
-    gathered, so the lens needs nothing of its own. Under ZeRO-3 the engine's module-order trace
-    is dropped before and after, as for ``capture_block_outputs``. The caller chooses grad, eval
-    and autocast modes.
+    gathered, so the lens needs nothing of its own. The caller chooses grad, eval and autocast
+    modes.
 
     Args:
         parts: the resolved model.
@@ -134,20 +121,31 @@ def lens_and_model_logits(
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         lens.append(parts.lens_logits(output[0] if isinstance(output, (tuple, list)) else output))
 
-    zero3 = parts.zero3_partitioned
-    if zero3:
-        forget_zero3_trace(parts.model)
-    handle = parts.blocks[-1].register_forward_hook(hook)
-    try:
+    with _block_hooks(parts, {parts.num_blocks - 1: hook}):
         output = parts.forward_entry()(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-        if zero3:
-            forget_zero3_trace(parts.model)
     if not lens:
         raise RuntimeError("the forward never reached the last block (early exit?)")
     logits = output[0] if isinstance(output, tuple) else getattr(output, "logits", None)
     return lens[-1], logits
+
+
+@contextlib.contextmanager
+def _block_hooks(parts: ModelParts, hooks: dict[int, Any]) -> Iterator[None]:
+    """Forward hooks on blocks ``hooks`` (block index -> hook) for the duration, removed also
+    when the forward raises. Under ZeRO-3 the engine's module-order trace is dropped before and
+    after: untraced, ZeRO-3 releases each module's parameters right after the module ran;
+    following a training trace it would keep those the trace reuses soon gathered."""
+    zero3 = parts.zero3_partitioned
+    if zero3:
+        forget_zero3_trace(parts.model)
+    handles = [parts.blocks[i].register_forward_hook(hook) for i, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if zero3:
+            forget_zero3_trace(parts.model)
 
 
 def forget_zero3_trace(model: nn.Module) -> None:

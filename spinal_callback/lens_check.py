@@ -101,8 +101,8 @@ def measured_logit_scale(parts: ModelParts, lens: Tensor, model_logits: Tensor) 
             "the model returns its logits from. Pass SpinalConfig(head_path=...) naming the "
             "module that maps hidden states to the model's logits"
         )
-    lens = lens[lens.shape[0] - min(lens.shape[0], model_logits.shape[0]) :]
-    model_logits = model_logits[model_logits.shape[0] - lens.shape[0] :]
+    compared = min(lens.shape[0], model_logits.shape[0])  # the last positions, where fewer
+    lens, model_logits = lens[-compared:], model_logits[-compared:]
     fit = fit_logits(lens, model_logits)
     scaled = fit.residual <= RESIDUAL_TOLERANCE and fit.scale > 0
     if scaled and abs(fit.scale - 1.0) <= SCALE_RESOLUTION:

@@ -49,10 +49,10 @@ MAX_PADDING_WASTE = 0.25
 neutral texts) run as separate forwards instead of one stacked forward."""
 
 MIN_LATE_BAND = 4
+GROUP_NAMES = ("task", "neutral")
 
 LENS_CHECK_ATTEMPTS = 3
 """Runs that may try the lens check on non-finite logits before it is given up as unverified."""
-GROUP_NAMES = ("task", "neutral")
 
 logger = logging.getLogger(__name__)
 
