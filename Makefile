@@ -57,6 +57,7 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 	PYTHONPATH=. $(BIN)/python -m bench.long_run
 	PYTHONPATH=. $(BIN)/python -m bench.board_growth
+	PYTHONPATH=. $(BIN)/python bench/robustness.py
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit spinal_localize bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from spinal_callback.config import TRANSPORT_MEASURES, SpinalConfig
+from spinal_callback.config import MIN_PROBE_LENGTH, TRANSPORT_MEASURES, SpinalConfig
 from spinal_callback.loading import (
     DTYPES,
     check_device,
@@ -19,7 +19,7 @@ from spinal_callback.loading import (
     load_local_model,
     load_local_tokenizer,
 )
-from spinal_callback.localize import localize
+from spinal_callback.localize import check_pair_count, localize
 from spinal_callback.pairs import load_pairs
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.report import format_comparison_table, plot_depth_paths, plot_localization
@@ -38,6 +38,11 @@ logger = logging.getLogger("spinal_callback")
 # is a ``ValueError``); bad values (an unusable device, mismatched models, malformed pairs); a
 # missing optional dependency. Anything else is a bug and keeps its traceback.
 _USER_ERRORS = (OSError, ValueError, ImportError)
+
+# Counts reach torch and the tokenizer as int64 sizes.
+_INT64_MAX = 2**63 - 1
+# scikit-learn's LassoCV (the sparse attribution) takes seeds in [0, 2**32).
+_SEED_MAX = 2**32 - 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,7 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--transport", default="hellinger", choices=TRANSPORT_MEASURES)
     audit.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     audit.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: cpu)")
-    audit.add_argument("--max-length", type=int, default=256, help="tokens kept per probe text")
+    audit.add_argument(
+        "--max-length",
+        type=_integer(
+            MIN_PROBE_LENGTH,
+            f"rows of fewer than {MIN_PROBE_LENGTH} tokens are the BOS token and a word or two, "
+            "the same for most texts; the default is 256",
+        ),
+        default=256,
+        help=f"tokens kept per probe text, at least {MIN_PROBE_LENGTH} (default: %(default)s)",
+    )
     audit.set_defaults(handler=_run_audit)
 
     localize = commands.add_parser(
@@ -105,24 +119,67 @@ def _parser() -> argparse.ArgumentParser:
     localize.add_argument(
         "--out", default="spinal_localize", help="output directory (default: %(default)s)"
     )
-    localize.add_argument("--batch-size", type=int, default=8, help="pairs per forward")
+    localize.add_argument(
+        "--batch-size",
+        type=_integer(1, "the default is 8"),
+        default=8,
+        help="pairs per forward (default: %(default)s)",
+    )
     localize.add_argument(
         "--all-tokens", action="store_true", help="patch every token, not only the reply's"
     )
     localize.add_argument(
-        "--top-layers", type=int, default=3, help="blocks given the low-rank analysis"
+        "--top-layers",
+        type=_integer(0, "0 skips the low-rank analysis"),
+        default=3,
+        help="blocks given the low-rank analysis, 0 for none (default: %(default)s)",
     )
     localize.add_argument(
-        "--ranks", type=int, nargs="+", help="ranks k to try (default: 1, 2, 4, ... width)"
+        "--ranks",
+        type=_integer(1, "a rank counts directions"),
+        nargs="+",
+        help="ranks k to try (default: 1, 2, 4, ... width)",
     )
-    localize.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    localize.add_argument("--seed", type=int, default=0)
+    localize.add_argument(
+        "--bootstrap",
+        type=_integer(
+            40, "a 95% interval needs a resample beyond each 2.5% tail; the default is 1000"
+        ),
+        default=1000,
+        help="bootstrap resamples (default: %(default)s)",
+    )
+    localize.add_argument(
+        "--seed",
+        type=_integer(0, "scikit-learn takes seeds below 2**32", maximum=_SEED_MAX),
+        default=0,
+        help="seed of the bootstrap and the LASSO folds (default: %(default)s)",
+    )
     localize.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     localize.add_argument("--device", default="cpu", help="device of the base model")
     localize.add_argument("--tuned-device", help="device of the tuned model (default: --device)")
     localize.add_argument("--no-progress", action="store_true", help="no progress bar")
     localize.set_defaults(handler=_run_localize)
     return parser
+
+
+def _integer(minimum: int, reason: str, maximum: int = _INT64_MAX) -> Callable[[str], int]:
+    """An argparse ``type`` that reads an int in ``[minimum, maximum]``; ``reason`` ends the
+    error (why the range, or the default), which argparse prints with the option's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            too_large = value is not None and value > maximum
+            upper = f" and <= {maximum}" if maximum != _INT64_MAX or too_large else ""
+            raise argparse.ArgumentTypeError(
+                f"got {text!r}, expected an integer >= {minimum}{upper} ({reason})"
+            )
+        return value
+
+    return parse
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -164,7 +221,8 @@ def _run_localize(args: argparse.Namespace) -> int:
     adapter = is_adapter_directory(args.tuned)
     for path in (args.base,) if adapter else (args.base, args.tuned):
         checkpoint_directory(path)
-    pairs = load_pairs(args.pairs)
+    pairs = _read_pairs(args.pairs)
+    check_pair_count(len(pairs))
     tokenizer = load_local_tokenizer(args.tokenizer or args.base)
     base = load_local_model(args.base, dtype=args.dtype, device=args.device)
     tuned_device = args.tuned_device or args.device
@@ -208,10 +266,29 @@ def _read_texts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--texts {path}: no such file (expected one probe text per line)")
-    texts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    try:
+        content = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8("--texts", path, error, "one probe text per line")) from None
+    texts = [line.strip() for line in content.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--texts {path} holds no non-empty line; put one probe text per line")
     return texts
+
+
+def _read_pairs(path: str) -> list[dict[str, str]]:
+    try:
+        return load_pairs(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(_not_utf8("--pairs", path, error, "one JSON pair per line")) from None
+
+
+def _not_utf8(option: str, path: str, error: UnicodeDecodeError, layout: str) -> str:
+    return (
+        f"{option} {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+        f"{error.start} cannot be decoded); it must be a UTF-8 text file, {layout}: re-save it "
+        "as UTF-8"
+    )
 
 
 def _check_vocabulary(model: object, tokenizer: object, path: str) -> None:

@@ -16,6 +16,12 @@ SPECTRUM_DTYPES = ("float32", "float64")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
 LENS_DTYPES = ("auto", "bfloat16", "native")
 STOP_LEVELS = ("critical", "warning")
+MIN_PROBE_LENGTH = 8
+"""The fewest tokens ``max_probe_length`` may keep per probe text. The scores compare rows
+token by token, and a row of one or two tokens is the BOS token and the first word, which texts
+share ("The ..."): the rows coincide and the contraction reads 0 whatever the model. 8 tokens
+keep a few words of every text, so the rows differ and each adds several tokens to the
+spectrum."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,9 @@ class SpinalConfig:
             transport mean's standard error (with the finite-population correction) is at most
             a third of this, and later probes take the same tokens. ``None``: all
             ``transport_tokens``. Under ZeRO-3 the ranks settle on the count together.
-        max_probe_length: tokens kept per probe text (longer texts are truncated).
+        max_probe_length: tokens kept per probe text (longer texts are truncated), at least
+            ``MIN_PROBE_LENGTH`` (8): shorter rows are the BOS token and a word or two, the
+            same for most texts, and measure nothing.
         transport: ``"hellinger"`` (default), ``"fisher_rao"`` or ``"js"``.
         tail_low, tail_high: the contraction fit uses eigenvalue ranks
             ``k in [ceil(tail_low * r), floor(tail_high * r)]``.
@@ -154,7 +162,13 @@ class SpinalConfig:
                 "SpinalConfig.transport_tolerance must be > 0 or None (every transport token), "
                 f"got {self.transport_tolerance!r}"
             )
-        _check_int("max_probe_length", self.max_probe_length, minimum=1)
+        if self.max_probe_length < MIN_PROBE_LENGTH:
+            raise ValueError(
+                f"SpinalConfig.max_probe_length must be an int >= {MIN_PROBE_LENGTH}, got "
+                f"{self.max_probe_length!r}: rows that short are the BOS token and a word or two, "
+                "the same for most texts, so the probe measures nothing. Keep the default 256 "
+                f"or pass max_probe_length >= {MIN_PROBE_LENGTH}"
+            )
         _check_int("every_n_steps", self.every_n_steps, minimum=1)
         _check_int("patience", self.patience, minimum=1)
         _check_int("image_every", self.image_every, minimum=1)

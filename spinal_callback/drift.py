@@ -254,19 +254,41 @@ class DriftMeter:
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore ``state_dict``'s entry; a missing or changed file means a new reference
-        (with a warning) at the next measurement."""
+        (with a warning) at the next measurement. The file the entry names is only read (and
+        only a ``.safetensors`` file whose sha256 matches); the reference is written to this
+        run's own ``path`` (``attach``)."""
         self.reference = _stored_reference(state) if state else None
         self.reference_is_snapshot = self.reference is not None
+        self.reference_sha256 = None
         if state and self.reference is not None:
             self.reference_fingerprint = state.get("fingerprint")
-            if "file" in state:
-                self.path = Path(state["file"])
-                self.reference_sha256 = state["sha256"]
+        if self.path is not None:
+            self.attach(self.path)
+
+    def attach(self, path: str | Path) -> None:
+        """Keep the snapshot reference in ``path`` (the run's own file) from now on; a restored
+        snapshot is written there at once (an ``OSError`` is logged: the state then holds it
+        inline)."""
+        self.path = Path(path)
+        if self.reference is None or not self.reference_is_snapshot:
+            return
+        try:
+            self.reference_sha256 = save_activations(self.path, self.reference)
+        except OSError as error:
+            logger.error("spinal-callback: cannot write the drift reference %s (%s)", path, error)
+            self.reference_sha256 = None
 
 
 def _stored_reference(entry: dict[str, Any]) -> Tensor | None:
     if "file" not in entry:
         return decode_activations(entry)
+    if Path(str(entry["file"])).suffix != ".safetensors":
+        logger.warning(
+            "spinal-callback: the checkpoint names %s as its drift reference, which is not a "
+            ".safetensors file; drift is measured against a new reference",
+            entry["file"],
+        )
+        return None
     try:
         return load_activations(entry["file"], entry["sha256"])
     except (FileNotFoundError, ValueError) as error:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+RESUMED = "resumed"
+"""The rule of the record a resume appends (``current_records``)."""
 
 
 class AlertLevel(IntEnum):
@@ -80,6 +82,10 @@ class Alert:
 class EventLog:
     """Append-only JSONL file, one alert per line, flushed and fsynced per line.
 
+    Nothing in it is ever rewritten or removed: it is the run's audit trail. A resume appends a
+    ``resumed`` record, which supersedes the same run's records of later steps written before it
+    (an interrupted segment's); ``current_records`` drops those for a reader.
+
     Each write opens, appends, fsyncs and closes, so a line that ``append`` returned from is on
     disk even if the process is killed with SIGKILL right after. Non-finite numbers are written
     as ``null`` so every line is strict JSON. A line torn by a kill mid-write is never glued to
@@ -90,14 +96,16 @@ class EventLog:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
-    def append(self, alert: Alert) -> None:
-        """Write ``alert`` as one line and fsync it before returning.
+    def append(self, alert: Alert, run: str | None = None) -> None:
+        """Write ``alert`` as one line, with ``"run": run`` when given, and fsync it before
+        returning.
 
         Raises:
             OSError: the directory cannot be created or the line cannot be written or synced.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_finite_or_none(alert.to_dict()), allow_nan=False)
+        record = alert.to_dict() if run is None else {**alert.to_dict(), "run": run}
+        line = json.dumps(_finite_or_none(record), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as file:
             # A killed writer can leave a fragment without its newline; gluing onto it would
             # make this record unreadable too.
@@ -127,39 +135,9 @@ class EventLog:
             )
         return [record for record, _ in lines], len(skipped_lines)
 
-    def truncate_after(self, step: int) -> int:
-        """Keep only the records whose ``"step"`` is at most ``step``; used when a run resumes.
-
-        The kept records are written to a sibling temporary file, fsynced and moved over the log
-        with ``os.replace``, so a crash at any moment leaves either the old or the new file whole.
-        Torn or invalid lines are dropped too. A missing file is left missing.
-
-        Args:
-            step: the training step the run resumes from (records for later steps belong to the
-                killed run and will be raised again).
-
-        Returns:
-            How many records were dropped (torn lines are not counted as records).
-
-        Raises:
-            OSError: the new file cannot be written or moved into place.
-        """
-        if not self.path.is_file():
-            return 0
-        lines, _ = self._parse()
-        kept = [text for record, text in lines if _step_of(record) <= step]
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "w", encoding="utf-8") as file:
-                for text in kept:
-                    file.write(text + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_directory(self.path.parent)
-        return len(lines) - len(kept)
+    def read_current(self) -> list[dict[str, Any]]:
+        """``read``, less the records a resume superseded (``current_records``)."""
+        return current_records(self.read())
 
     def _parse(self) -> tuple[list[tuple[dict[str, Any], str]], list[int]]:
         """``([(record, line text), ...], [1-based numbers of lines that are not records])``."""
@@ -182,6 +160,20 @@ class EventLog:
         return records, skipped_lines
 
 
+def current_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` in file order, less those a later ``resumed`` record supersedes: the same
+    run's records (or records without a run, from older versions) of steps after the resume's
+    step, written before it. Other runs' records are never dropped.
+    """
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("rule") == RESUMED:
+            run, step = record.get("run"), _step_of(record)
+            kept = [r for r in kept if r.get("run", run) != run or _step_of(r) <= step]
+        kept.append(record)
+    return kept
+
+
 def _ends_with_newline_or_is_empty(path: Path) -> bool:
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
@@ -197,23 +189,6 @@ def _step_of(record: dict[str, Any]) -> float:
     if isinstance(step, int) and not isinstance(step, bool):
         return step
     return math.inf
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable where the platform allows it.
-
-    Windows cannot open a directory and some file systems refuse to fsync one; the replaced file
-    itself is already synced, so only the rename's durability is at stake there.
-    """
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:

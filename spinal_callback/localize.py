@@ -42,6 +42,10 @@ from spinal_callback.model_access import resolve_model_parts
 from spinal_callback.pairs import SIDES, collate_pairs
 from spinal_callback.patching import PatchRunner, check_same_architecture
 
+MIN_PAIRS = 2
+"""The fewest pairs ``localize`` takes: its intervals bootstrap over pairs, and every resample
+of one pair is that pair, so its "confidence interval" would have zero width."""
+
 MIN_LOW_RANK_GAIN = 0.05
 """Blocks whose own share of the effect is below this get no low-rank analysis."""
 
@@ -184,8 +188,9 @@ def localize(
 
     Raises:
         ValueError: mismatched models (block count, width, vocabulary, architecture, or
-            parameter names and shapes: ``patching.check_same_architecture``), no pairs, bad
-            settings, or a tuned model that does not move the mean margin (nothing to localize).
+            parameter names and shapes: ``patching.check_same_architecture``), fewer than
+            ``MIN_PAIRS`` pairs (``check_pair_count``), bad settings, or a tuned model that
+            does not move the mean margin (nothing to localize).
     """
     _check_settings(pairs, batch_size, top_layers, bootstrap, confidence, ranks)
     base_blocks = list(resolve_model_parts(base, blocks_path).blocks)
@@ -270,8 +275,7 @@ def _check_settings(
     confidence: float,
     ranks: Sequence[int] | None,
 ) -> None:
-    if not pairs:
-        raise ValueError("localize needs at least one preference pair")
+    check_pair_count(len(pairs))
     if batch_size < 1 or top_layers < 0 or bootstrap < 1:
         raise ValueError(
             f"batch_size >= 1, top_layers >= 0 and bootstrap >= 1 are needed, got {batch_size}, "
@@ -281,6 +285,17 @@ def _check_settings(
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if ranks is not None and (not ranks or min(ranks) < 1):
         raise ValueError(f"ranks must be positive integers, got {list(ranks)}")
+
+
+def check_pair_count(count: int) -> None:
+    """Raise ``ValueError`` for fewer than ``MIN_PAIRS`` preference pairs, before any model
+    is loaded or run."""
+    if count < MIN_PAIRS:
+        raise ValueError(
+            f"localize needs at least {MIN_PAIRS} preference pairs, got {count}: its confidence "
+            "intervals resample the pairs, and resamples of one pair all equal it (an interval "
+            "of zero width); add pairs (a few dozen give useful intervals)"
+        )
 
 
 def _matching_width(base: nn.Module, tuned: nn.Module) -> int | None:

@@ -10,6 +10,7 @@ Architectures the lookup does not know can be pointed at by attribute path
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,137 @@ def resolve_model_parts(
         entry=next((m for m in chain if type(m).__name__ == "FullyShardedDataParallel"), inner),
         outer=next(m for m in chain if not _is_engine_wrapper(m)),
     )
+
+
+_REFERENCE_ADVICE = (
+    "The reference must be the policy's starting point (the same architecture and size), e.g. "
+    "the model the policy was loaded from: pass that model as the reference (TRL's ref_model)."
+)
+
+
+def check_reference_model(
+    policy: nn.Module,
+    reference: object,
+    *,
+    blocks_path: str | None = None,
+    final_norm_path: str | None = None,
+    head_path: str | None = None,
+) -> None:
+    """Check at setup that ``reference`` can be ``policy``'s baseline: a module of the same
+    architecture, number of decoder blocks, hidden size and vocabulary size. Wrappers (PEFT,
+    DDP, FSDP, ...) are looked through on both sides, so a LoRA policy passes with its base.
+
+    The paths are ``resolve_model_parts``'s and apply to both models. Call it only when a
+    reference is given: ``None`` is not a module. A size one model does not expose is not
+    compared.
+
+    Raises:
+        TypeError: ``reference`` is not an ``nn.Module`` (a path: load the model first).
+        ValueError: the architecture (``config.model_type``; without one, the decoder blocks'
+            class), number of decoder blocks, hidden size or vocabulary size (the unembedding's
+            output width, else ``config.vocab_size``) differ, or the reference's parts are not
+            where the policy's are.
+        ModelAccessError: the policy's own parts cannot be found (as ``resolve_model_parts``).
+
+    Example:
+        >>> from spinal_callback.tiny import build_tiny_model
+        >>> check_reference_model(build_tiny_model(layers=4), build_tiny_model(layers=4))
+        >>> check_reference_model(  # doctest: +ELLIPSIS
+        ...     build_tiny_model(layers=4), build_tiny_model(layers=2)
+        ... )
+        Traceback (most recent call last):
+        ...
+        ValueError: the reference model's number of decoder blocks is 2 but the policy's is 4. ...
+    """
+    if not isinstance(reference, nn.Module):
+        raise TypeError(_not_a_module(reference))
+    paths = {"blocks_path": blocks_path, "final_norm_path": final_norm_path, "head_path": head_path}
+    policy_parts = resolve_model_parts(policy, **paths)
+    policy_type, reference_type = _model_type(policy_parts.model), _model_type(reference)
+    if policy_type and reference_type:
+        _check_same("architecture", policy_type, reference_type)
+    try:
+        reference_parts = resolve_model_parts(reference, **paths)
+    except ModelAccessError as error:
+        raise ValueError(
+            f"found no decoder blocks, final norm or unembedding in the reference model "
+            f"({type(unwrap_model(reference)).__name__}) where the policy "
+            f"({type(policy_parts.model).__name__}) has them, {policy_parts.paths}: {error} "
+            f"{_REFERENCE_ADVICE}"
+        ) from error
+    if not (policy_type and reference_type):
+        _check_same(
+            "decoder block class", _block_class(policy_parts), _block_class(reference_parts)
+        )
+    _check_same("number of decoder blocks", policy_parts.num_blocks, reference_parts.num_blocks)
+    _check_same("hidden size", _hidden_size(policy_parts), _hidden_size(reference_parts))
+    _check_same("vocabulary size", _vocab_size(policy_parts), _vocab_size(reference_parts))
+
+
+def _not_a_module(reference: object) -> str:
+    if not isinstance(reference, (str, os.PathLike)):
+        return (
+            "the reference model must be an nn.Module, got an object of type "
+            f"{type(reference).__name__}. Pass the model the policy was loaded from."
+        )
+    path = os.fspath(reference)
+    return (
+        f"the reference model must be an nn.Module, got the path {path!r}. Load it first and "
+        f"pass the model, e.g. AutoModelForCausalLM.from_pretrained({path!r}) or "
+        f"spinal_callback.loading.load_local_model({path!r})."
+    )
+
+
+def _check_same(what: str, policy_value: object, reference_value: object) -> None:
+    if policy_value is not None and reference_value is not None and policy_value != reference_value:
+        raise ValueError(
+            f"the reference model's {what} is {reference_value} but the policy's is "
+            f"{policy_value}. {_REFERENCE_ADVICE}"
+        )
+
+
+def _model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` and the LM's class, e.g. ``"'llama' (LlamaForCausalLM)"``."""
+    inner = unwrap_model(model)
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if not isinstance(model_type, str) or not model_type:
+        return None
+    return f"{model_type!r} ({type(inner).__name__})"
+
+
+def _block_class(parts: ModelParts) -> str:
+    """The first decoder block's own class, below per-block wrappers: ``torch.compile`` and
+    FSDP (v1), activation checkpointing, and the subclass ``fully_shard`` makes on the fly."""
+    block = wrapper_chain(parts.blocks[0])[-1]
+    block = getattr(block, "_checkpoint_wrapped_module", block)
+    return next(
+        c.__name__ for c in type(block).__mro__ if not c.__module__.startswith("torch.distributed")
+    )
+
+
+def _head_shape(parts: ModelParts) -> tuple[int | None, int | None]:
+    """The unembedding's ``(V, d_in)``, when it is a linear layer or tied embeddings."""
+    head = parts.head
+    if isinstance(head, nn.Linear):
+        return head.out_features, head.in_features
+    if isinstance(head, _TiedHead):
+        return head.embedding.num_embeddings, head.embedding.embedding_dim
+    return None, None
+
+
+def _hidden_size(parts: ModelParts) -> int | None:
+    size = getattr(_text_config(getattr(parts.model, "config", None)), "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    return _head_shape(parts)[1] if parts.head_input is None else None
+
+
+def _vocab_size(parts: ModelParts) -> int | None:
+    width = _head_shape(parts)[0]
+    if width is not None:
+        return width
+    size = getattr(_text_config(getattr(parts.model, "config", None)), "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _text_config(config: object) -> object:

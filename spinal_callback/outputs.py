@@ -77,6 +77,8 @@ class Outputs:
         self.owns_board = owns_board
         self.event_log = event_log
         self.on_alert = on_alert
+        self.run_id: str | None = None
+        """Written into every event-log record (``Runner.begin`` sets it)."""
         where = event_log.path if event_log is not None else Path("-")
         self._log_guard = _Guard(f"writing the event log {where}")
         self._hook_guard = _Guard("the on_alert hook")
@@ -85,7 +87,7 @@ class Outputs:
         """Event log first (it must survive a crash), then the console, TensorBoard, the hook."""
         if self.event_log is not None:
             event_log = self.event_log
-            self._log_guard.run(lambda: event_log.append(alert), OSError)
+            self._log_guard.run(lambda: event_log.append(alert, self.run_id), OSError)
         logger.log(
             _LOG_LEVELS[alert.severity],
             "spinal-callback step %d [%s] %s: %s",
@@ -104,7 +106,7 @@ class Outputs:
         """A record for the event log and TensorBoard only (e.g. the stop), never the hook."""
         if self.event_log is not None:
             event_log = self.event_log
-            self._log_guard.run(lambda: event_log.append(alert), OSError)
+            self._log_guard.run(lambda: event_log.append(alert, self.run_id), OSError)
         if self.board is not None:
             self.board.write_alert_text(alert)
 
@@ -142,12 +144,27 @@ class Outputs:
         if self.board is not None:
             self.board.flush()
 
-    def trim_after(self, step: int) -> None:
-        """Resume: drop the event-log records and hide the TensorBoard events newer than
-        ``step`` that an interrupted run left."""
-        if self.event_log is not None:
-            event_log = self.event_log
-            self._log_guard.run(lambda: event_log.truncate_after(step), OSError)
+    def records_after(self, step: int) -> list[dict[str, Any]]:
+        """This run's current event-log records of steps after ``step`` (what a resume from
+        ``step`` supersedes); none when the log cannot be read."""
+        if self.event_log is None:
+            return []
+        try:
+            records = self.event_log.read_current()
+        except OSError as error:
+            logger.error("spinal-callback: cannot read the event log (%s)", error)
+            return []
+        return [
+            record
+            for record in records
+            if record.get("run", self.run_id) == self.run_id
+            and isinstance(record.get("step"), int)
+            and record["step"] > step
+        ]
+
+    def hide_after(self, step: int) -> None:
+        """Resume: hide the TensorBoard events newer than ``step`` that an interrupted run left
+        (a display matter: the event log keeps every record)."""
         if self.board is not None:
             self.board.purge_after(step)
 

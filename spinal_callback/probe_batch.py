@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spinal_callback.config import MIN_PROBE_LENGTH
 from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
 from spinal_callback.texts import check_texts
 
@@ -63,9 +64,12 @@ class ProbeBatch:
 
         Raises:
             TypeError: ``texts`` is a single string or holds a non-string (see ``check_texts``).
-            ValueError: no texts, a blank text, all texts the same, or a text with no tokens.
+            ValueError: no texts, a blank text, all texts the same, a text with no tokens,
+                ``max_length < 1``, or distinct texts that are all the same row once truncated
+                to ``max_length`` tokens.
         """
         texts = check_texts(texts, "texts")
+        _check_max_length(max_length)
         encoded = tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=max_length
         )
@@ -78,6 +82,8 @@ class ProbeBatch:
                 f"probe texts at positions {empty[:5]} tokenize to nothing: "
                 f"{[texts[i] for i in empty[:3]]!r}; remove them"
             )
+        if len(token_ids) > 1:
+            _check_rows_differ(tokenizer, token_ids, max_length)
         return cls.from_token_ids(token_ids, _pad_id(tokenizer), padding_side)
 
     @classmethod
@@ -104,8 +110,10 @@ class ProbeBatch:
 
         Raises:
             ValueError: an empty dataset, a row that is not a dict, or a row without ``column``
-                (the message lists the columns or keys there are).
+                (the message lists the columns or keys there are); ``max_length < 1``; or
+                distinct prompts that are all the same row once truncated to ``max_length``.
         """
+        _check_max_length(max_length)
         names = _column_names(dataset, column)
         if names and column not in names and f"{column}_ids" not in names:
             raise ValueError(
@@ -118,8 +126,11 @@ class ProbeBatch:
             )
         rows = range(min(len(dataset), ROWS_SCANNED_PER_TEXT * limit))
         if column not in names:
-            ids = (tuple(_prompt(dataset, i, f"{column}_ids"))[:max_length] for i in rows)
+            prompts_ids = [tuple(_prompt(dataset, i, f"{column}_ids")) for i in rows]
+            ids = (row[:max_length] for row in prompts_ids)
             token_ids = [list(row) for row in _first_distinct(ids, limit)]
+            if len(set(prompts_ids)) > 1:  # distinct prompts the truncation may have merged
+                _check_rows_differ(tokenizer, token_ids, max_length)
             return cls.from_token_ids(token_ids, _pad_id(tokenizer), padding_side)
         prompts = (_render_prompt(tokenizer, _prompt(dataset, i, column)) for i in rows)
         texts = _first_distinct(prompts, limit)
@@ -208,6 +219,29 @@ class ProbeBatch:
         valid = self.valid_positions()
         generator = torch.Generator().manual_seed(seed)
         return valid[torch.randperm(valid.numel(), generator=generator)[:count]]
+
+
+def _check_max_length(max_length: int) -> None:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(
+            f"max_length must be a positive int (tokens kept per probe text), got "
+            f"{max_length!r}; the default is 256 (SpinalConfig.max_probe_length)"
+        )
+
+
+def _check_rows_differ(tokenizer: Any, token_ids: Sequence[Sequence[int]], max_length: int) -> None:
+    """``ValueError`` when distinct probe texts became one row of tokens once truncated:
+    identical rows give identical activations, and the probe measures nothing."""
+    distinct = {tuple(ids) for ids in token_ids}
+    if len(distinct) == 1:
+        row = next(iter(distinct))
+        raise ValueError(
+            "the probe texts tokenize to identical rows at "
+            f"max_probe_length={max_length} (every row is {tokenizer.decode(list(row))!r}), so "
+            "the probe measures nothing: raise max_probe_length (SpinalConfig.max_probe_length, "
+            f"spinal audit --max-length; at least {MIN_PROBE_LENGTH}, default 256) or use texts "
+            "whose first tokens differ"
+        )
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -18,6 +18,7 @@ parts fit together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,11 +33,12 @@ from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
 from spinal_callback.detector import RampMonitor
 from spinal_callback.drift import DriftMeter, drift_scalars
-from spinal_callback.events import Alert, AlertLevel
-from spinal_callback.history import TraceHistory
+from spinal_callback.events import RESUMED, Alert, AlertLevel
+from spinal_callback.history import TraceHistory, runs_in
 from spinal_callback.lens_check import same_logit_scale
-from spinal_callback.model_access import peft_model_in
+from spinal_callback.model_access import check_reference_model, peft_model_in
 from spinal_callback.outputs import AlertHook, Outputs
+from spinal_callback.ownership import RunLock, lock_or_warn, new_run_id
 from spinal_callback.probe import ProbeBatch, SpinalProbe
 from spinal_callback.rules.language import has_language
 from spinal_callback.sharding import sharding_root
@@ -45,7 +47,7 @@ from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS, check_texts
 from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
-STATE_VERSION = 2
+STATE_VERSION = 3
 PROBE_FAILED = "probe_failed"
 TRAINING_STOPPED = "training_stopped"
 TOOL_RULES = frozenset({PROBE_FAILED})
@@ -127,18 +129,27 @@ class Runner:
         keep_good_checkpoint: bool = False,
     ) -> None:
         self.config = config
+        self.run_id = new_run_id()
+        """This run's identity: in every event-log record and trace line, and in checkpoints
+        (a resume keeps it)."""
         self.keep_good_checkpoint = keep_good_checkpoint
         self._trouble_anywhere = False
         self.probe_texts = None if probe_texts is None else check_texts(probe_texts, "probe_texts")
         self.neutral_texts = (
             None if neutral_texts is None else check_texts(neutral_texts, "neutral_texts")
         )
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(
+                f"on_alert must be a callable taking an Alert, got {on_alert!r} "
+                f"({type(on_alert).__name__}); to post alerts to a URL, pass a function that "
+                "posts alert.to_dict()"
+            )
         self.on_alert = on_alert
         self.reduce_any = reduce_any
         self.probe: SpinalProbe | None = None
         self.reference_probe: SpinalProbe | None = None
         self.outputs = Outputs(on_alert=on_alert)
-        self.history = TraceHistory()
+        self.history = TraceHistory(run_id=self.run_id)
         self.reference: DepthTrace | None = None
         self.monitor = RampMonitor(config)
         self.drift: DriftMeter | None = None
@@ -154,6 +165,14 @@ class Runner:
         """(step, path) of the checkpoint saved for the stop, once the adapter reports it."""
         self.first_warning_step: int | None = None
         self.checkpoints: list[tuple[int, str]] = []
+        self.worst_level = 0
+        """The highest alert level charted so far (``spinal/alert_level_max``)."""
+        self.begun = False
+        """``begin`` has run: this runner belongs to one training run from then on."""
+        self._locks: list[RunLock] = []
+        self._previous_files: dict[str, str] = {}
+        """The restored checkpoint's log dir and event log, named in the ``resumed`` record when
+        the run goes on elsewhere (a versioned logger's next version)."""
 
     @property
     def traces(self) -> list[DepthTrace]:
@@ -169,12 +188,21 @@ class Runner:
         dataset: Any = None,
         reference_model: nn.Module | None = None,
     ) -> None:
-        """Build the probe (and the reference probe); raise ``ValueError`` on any bad input."""
+        """Build the probe (and the reference probe); raise on any bad input (a reference
+        model of another architecture or size: ``model_access.check_reference_model``)."""
         batch = build_probe_batch(self.config, tokenizer, self.probe_texts, dataset)
         neutral = None
         if self.config.neutral_probe:
             texts = self.neutral_texts or list(DEFAULT_NEUTRAL_TEXTS)
             neutral = ProbeBatch.from_texts(tokenizer, texts, self.config.max_probe_length)
+        if reference_model is not None:
+            check_reference_model(
+                model,
+                reference_model,
+                blocks_path=self.config.blocks_path,
+                final_norm_path=self.config.final_norm_path,
+                head_path=self.config.head_path,
+            )
         self.probe = SpinalProbe(model, batch, self.config, neutral)
         if reference_model is not None:
             self.reference_probe = SpinalProbe(
@@ -192,30 +220,91 @@ class Runner:
         directory: str | Path | None = None,
         reduce_any: ReduceAny | None = None,
     ) -> Decision:
-        """Train start: attach the sinks (the runner's ``on_alert`` becomes their hook), trim
-        what an interrupted run left after ``step`` (resume), and probe at step 0.
+        """Train start: lock this run's files, attach the sinks (the runner's ``on_alert``
+        becomes their hook), mark what a resume from ``step`` supersedes, and probe at step 0.
 
         ``directory`` holds the trace history and the drift reference (one file per rank).
+
+        Raises:
+            RunConflictError: another live process writes to ``directory`` or to the event log.
         """
         self._require_setup()
+        self.begun = True
         outputs.on_alert = self.on_alert
+        outputs.run_id = self.run_id
         self.outputs = outputs
         if reduce_any is not None:
             self.reduce_any = reduce_any
+        self._lock(outputs, directory)
         if directory is not None:
-            suffix = "" if distributed.rank() == 0 else f".rank{distributed.rank()}"
-            if self.history.path is None:
-                self.history.path = Path(directory) / f"spinal_traces{suffix}.jsonl"
-            if self.drift is not None and self.drift.path is None:
-                self.drift.path = Path(directory) / f"spinal_drift_reference{suffix}.safetensors"
+            self._open_files(Path(directory), step)
         if step > 0:
-            outputs.trim_after(step)
+            self._mark_resume(step, directory)
         if outputs.board is not None and self.drift is not None:
             outputs.board.chart_drift()
         if step == 0 and self.last_probe_step < 0:
             self._probe(0)
             return self._decide(0)
         return CONTINUE
+
+    def _lock(self, outputs: Outputs, directory: str | Path | None) -> None:
+        """Lock the log dir and the event log for this run (``ownership.RunLock``)."""
+        suffix = _rank_suffix()
+        paths = [] if directory is None else [Path(directory) / f".spinal{suffix}.lock"]
+        if outputs.event_log is not None:
+            log = outputs.event_log.path
+            paths.append(log.with_name(f".{log.name}.lock"))
+        for path in paths:
+            lock = lock_or_warn(path, self.run_id)
+            if lock is not None:
+                self._locks.append(lock)
+        if self._locks:
+            logger.info(
+                "spinal-callback: run %s writes %s; a second run writing there is refused "
+                "until this one ends",
+                self.run_id,
+                " and ".join(sorted({str(lock.path.parent) for lock in self._locks})),
+            )
+
+    def _open_files(self, directory: Path, step: int) -> None:
+        """The trace history and the drift reference in this run's own ``directory`` (never a
+        path a checkpoint names); at a fresh start, say so when other runs wrote there."""
+        suffix = _rank_suffix()
+        traces = directory / f"spinal_traces{suffix}.jsonl"
+        others = sorted(runs_in(traces) - {self.run_id}) if step == 0 else []
+        if others:
+            self.outputs.note(
+                step,
+                f"{directory} already holds the traces of another run ({', '.join(others)}); "
+                f"this run ({self.run_id}) appends after them and its event-log records carry "
+                "its run id, but TensorBoard will chart both runs in the same place: give each "
+                "run its own log_dir",
+            )
+        self.history.open(traces)
+        if self.drift is not None:
+            self.drift.attach(
+                directory / f"spinal_drift_reference.{self.run_id}{suffix}.safetensors"
+            )
+
+    def _mark_resume(self, step: int, directory: str | Path | None) -> None:
+        """A ``resumed`` record that supersedes this run's records after ``step`` (the event
+        log keeps them), hidden TensorBoard events after ``step``, and the charted alert level
+        restored. A checkpoint written in another folder (a versioned logger's previous
+        version, or the run a folder was copied from) is named, never written to."""
+        record = _resumed_record(step, self.outputs.records_after(step))
+        previous = self._previous_files.get("directory")
+        moved = previous is not None and directory is not None
+        if moved and Path(str(previous)).resolve() != Path(str(directory)).resolve():
+            record = dataclasses.replace(
+                record,
+                message=f"{record.message}. The checkpoint was written in {previous}: this "
+                f"folder takes the run on from step {step}, and what that folder holds after "
+                "it is superseded (it is left as it is)",
+            )
+        self.outputs.record(record)
+        self.outputs.hide_after(step)
+        if self.outputs.board is not None:
+            self.outputs.board.restore_worst_level(self.worst_level)
 
     def step(self, step: int) -> Decision:
         """After an optimizer step: probe when due (every ``every_n_steps``), then decide."""
@@ -232,6 +321,7 @@ class Runner:
     def logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
         """The trainer's logged scalars (loss, DPO rewards): score them, then decide."""
         alerts = self.monitor.update_logs(step, logs)
+        self.worst_level = max([self.worst_level, *(int(a.severity) for a in alerts)])
         self.outputs.level(step, alerts)
         if alerts:
             # Forwarded with the next logs, like a probe's level (the highest one wins).
@@ -262,6 +352,14 @@ class Runner:
             self.outputs.heatmap(self.history.traces, self.reference, self.alerts)
         self._log_summary(step)
         self.outputs.close()
+        self.release()
+
+    def release(self) -> None:
+        """Unlock this run's files (``end`` does it; a run that died keeps them locked only
+        until its process exits)."""
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
 
     def pop_scalars(self) -> dict[str, float]:
         """Scalars of the probes not yet handed to the trainer's loggers."""
@@ -281,6 +379,12 @@ class Runner:
         drift reference file, checkpoints seen."""
         return {
             "version": STATE_VERSION,
+            "run": self.run_id,
+            "directory": None if self.history.path is None else str(self.history.path.parent),
+            "event_log": None
+            if self.outputs.event_log is None
+            else str(self.outputs.event_log.path),
+            "worst_level": self.worst_level,
             "last_probe_step": self.last_probe_step,
             "probes_run": self.probes_run,
             "disabled": self.disabled,
@@ -301,6 +405,12 @@ class Runner:
                 f"spinal-callback state version {version} is newer than {STATE_VERSION}; "
                 "upgrade spinal-callback to resume this checkpoint"
             )
+        self.run_id = str(state.get("run") or self.run_id)
+        self.history.run_id = self.run_id
+        self.worst_level = int(state.get("worst_level", 0))
+        self._previous_files = {
+            key: str(state[key]) for key in ("directory", "event_log") if state.get(key)
+        }
         self.last_probe_step = int(state["last_probe_step"])
         self.disabled = bool(state["disabled"])
         self.history.load_state_dict(state["history"])
@@ -354,6 +464,7 @@ class Runner:
         self._baseline_for(trace, step)
         self.history.append(trace)
         alerts = self.monitor.update(trace)
+        self.worst_level = max([self.worst_level, *(int(a.severity) for a in alerts)])
         self.pending.update(summary_scalars(trace, self.reference))
         self.pending["spinal/alert_level"] = float(max((a.severity for a in alerts), default=0))
         if drift_due:
@@ -599,6 +710,36 @@ class Runner:
                 "goes on (the traceback is in the log; please report it if the model is supported)",
             )
         )
+
+
+def _rank_suffix() -> str:
+    """``""`` on rank 0, ``.rank<k>`` on rank ``k``: each rank writes its own files."""
+    rank = distributed.rank()
+    return "" if rank == 0 else f".rank{rank}"
+
+
+def _resumed_record(step: int, superseded: Sequence[Mapping[str, Any]]) -> Alert:
+    """The record a resume from ``step`` appends: what it supersedes, one entry a record."""
+    if superseded:
+        listed = "; ".join(
+            f"{record.get('level')} {record.get('rule')} at step {record.get('step')}"
+            for record in superseded
+        )
+        what = (
+            f"it supersedes {len(superseded)} record(s) of the interrupted segment after step "
+            f"{step} (kept above in the event log): {listed}"
+        )
+    else:
+        what = f"no record after step {step} is superseded"
+    return Alert(
+        step=step,
+        level="info",
+        rule=RESUMED,
+        metric="spinal/resume",
+        value=float(step),
+        threshold=float("nan"),
+        message=f"the run resumed from its checkpoint of step {step}; {what}",
+    )
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -235,7 +236,31 @@ class TraceBoard:
         """
         self._purge_step = step
         self._purged = set()
-        self._write(f"hiding events after step {step}", self._write_pending_purge)
+
+        def purge(writer: Any) -> None:
+            self._write_pending_purge(writer)
+            for run in self._runs_on_disk():
+                self._run_writer(run)
+
+        self._write(f"hiding events after step {step}", purge)
+
+    def restore_worst_level(self, level: int) -> None:
+        """On resume: the highest alert level written before the checkpoint, so that
+        ``spinal/alert_level_max`` goes on from it instead of from 0."""
+        self._worst_level = max(self._worst_level, int(level))
+
+    def _runs_on_disk(self) -> list[str]:
+        """The runs of this board already in its log dir (a late block's, the reference's),
+        also those this run no longer writes (``late_layers`` changed on resume): a purge must
+        reach them all."""
+        if not os.path.isdir(self._log_dir):
+            return []
+        return sorted(
+            name
+            for name in os.listdir(self._log_dir)
+            if (name == REFERENCE_RUN or re.fullmatch(r"L\d+", name))
+            and os.path.isdir(os.path.join(self._log_dir, name))
+        )
 
     def write_trace(self, trace: DepthTrace, reference: DepthTrace | None = None) -> None:
         """Scalars of ``trace``: the summaries in this run, each late block's scores in its own

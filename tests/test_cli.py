@@ -229,3 +229,68 @@ def test_the_console_script_reports_truncated_weights_in_one_line_without_traceb
     logged = [line for line in completed.stderr.splitlines() if not line.startswith("probing ")]
     assert len(logged) == 1, completed.stderr
     assert logged[0].startswith(f"spinal audit: error: cannot load the checkpoint in {damaged}")
+
+
+LOCALIZE = ["localize", "--base", "base", "--tuned", "tuned", "--pairs", "pairs.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ["audit", "ckpt", "--max-length", "-5"],
+            "--max-length: got '-5', expected an integer >= 8",
+        ),
+        (["audit", "ckpt", "--max-length", "2"], "--max-length: got '2', expected an integer >= 8"),
+        (
+            ["audit", "ckpt", "--max-length", str(2**64)],
+            f"--max-length: got '{2**64}', expected an integer >= 8 and <= {2**63 - 1}",
+        ),
+        ([*LOCALIZE, "--batch-size", "0"], "--batch-size: got '0', expected an integer >= 1"),
+        ([*LOCALIZE, "--bootstrap", "-1"], "--bootstrap: got '-1', expected an integer >= 40"),
+        ([*LOCALIZE, "--bootstrap", "1"], "--bootstrap: got '1', expected an integer >= 40"),
+        ([*LOCALIZE, "--bootstrap", "many"], "--bootstrap: got 'many', expected an integer"),
+        ([*LOCALIZE, "--top-layers", "-1"], "--top-layers: got '-1', expected an integer >= 0"),
+        ([*LOCALIZE, "--ranks", "2", "0"], "--ranks: got '0', expected an integer >= 1"),
+        (
+            [*LOCALIZE, "--seed", "-1"],
+            "--seed: got '-1', expected an integer >= 0 and <= 4294967295",
+        ),
+        ([*LOCALIZE, "--seed", str(2**32)], "--seed: got '4294967296', expected an integer >= 0"),
+    ],
+)
+def test_an_integer_option_out_of_its_range_exits_2_naming_the_option_value_and_range(
+    capsys: pytest.CaptureFixture[str], command: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        main(command)
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"spinal {command[0]}: error: argument {expected}")
+
+
+def test_audit_names_a_texts_file_that_is_not_utf8(
+    two_checkpoints: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = tmp_path / "latin1.txt"
+    texts.write_bytes("Un café au lait, s'il vous plaît.\n".encode("latin-1"))
+    assert main(["audit", str(two_checkpoints[0]), "--texts", str(texts)]) == 2
+    line = the_error_line(capsys)
+    assert line.startswith(f"spinal audit: error: --texts {texts} is not UTF-8 text")
+    assert "re-save it as UTF-8" in line
+
+
+def test_localize_names_a_pairs_file_that_is_not_utf8(
+    two_checkpoints: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, tuned = two_checkpoints
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(
+        '{"prompt": "Café?", "chosen": " Oui", "rejected": " Non"}\n'.encode("cp1252")
+    )
+    assert (
+        main(["localize", "--base", str(base), "--tuned", str(tuned), "--pairs", str(pairs)]) == 2
+    )
+    line = the_error_line(capsys)
+    assert line.startswith(f"spinal localize: error: --pairs {pairs} is not UTF-8 text")

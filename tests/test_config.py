@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from spinal_callback.config import SpinalConfig
+from spinal_callback.config import MIN_PROBE_LENGTH, SpinalConfig
 
 OPTIONAL_FIELDS = [
     item.name
@@ -207,3 +207,18 @@ def test_an_unknown_lens_dtype_lists_the_choices() -> None:
         match=r"lens_dtype must be one of \['auto', 'bfloat16', 'native'\], got 'float16'",
     ):
         SpinalConfig(lens_dtype="float16")
+
+
+@pytest.mark.parametrize("length", [1, 2, MIN_PROBE_LENGTH - 1])
+def test_a_max_probe_length_too_short_to_measure_is_rejected_naming_it_and_the_fix(
+    length: int,
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=rf"max_probe_length must be an int >= 8, got {length}: .*max_probe_length >= 8",
+    ):
+        SpinalConfig(max_probe_length=length)
+
+
+def test_the_shortest_max_probe_length_is_accepted() -> None:
+    assert SpinalConfig(max_probe_length=MIN_PROBE_LENGTH).max_probe_length == 8

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from spinal_callback.events import Alert, AlertLevel, EventLog
+from spinal_callback.events import RESUMED, Alert, AlertLevel, EventLog, current_records
 
 FIELDS = {"step", "level", "rule", "metric", "value", "threshold", "layers", "message", "time"}
 
@@ -55,6 +55,7 @@ def test_non_finite_values_are_written_as_null_so_lines_stay_strict_json(tmp_pat
     )
 
 
+@pytest.mark.fault
 def test_event_log_survives_sigkill_right_after_append(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     script = f"""
@@ -88,6 +89,7 @@ def test_a_torn_last_line_is_skipped_when_reading(tmp_path: Path) -> None:
     assert [r["step"] for r in EventLog(path).read()] == [1]
 
 
+@pytest.mark.fault
 def test_an_append_after_a_torn_line_starts_a_fresh_line_and_is_read(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     EventLog(path).append(make_alert(step=1))
@@ -132,51 +134,69 @@ def test_a_missing_log_reads_as_no_records(tmp_path: Path) -> None:
     assert EventLog(tmp_path / "absent.jsonl").read_with_skipped() == ([], 0)
 
 
-def test_truncate_after_a_resume_step_drops_the_killed_runs_later_records(tmp_path: Path) -> None:
+def resumed(step: int, run: str = "r1") -> tuple[Alert, str]:
+    record = Alert(
+        step=step,
+        level="info",
+        rule=RESUMED,
+        metric="spinal/resume",
+        value=float(step),
+        threshold=float("nan"),
+        message="resumed",
+    )
+    return record, run
+
+
+def test_a_record_carries_the_run_it_was_written_for(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    EventLog(path).append(make_alert(step=1), "r1")
+    assert EventLog(path).read()[0]["run"] == "r1"
+
+
+def test_a_resume_supersedes_its_runs_later_records_and_deletes_none(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     for step in (10, 20, 22, 24):
-        EventLog(path).append(make_alert(step=step))
-    assert EventLog(path).truncate_after(20) == 2
-    for step in (22, 24):
-        EventLog(path).append(make_alert(step=step))
-    assert [r["step"] for r in EventLog(path).read()] == [10, 20, 22, 24]
+        EventLog(path).append(make_alert(step=step), "r1")
+    EventLog(path).append(*resumed(20))
+    EventLog(path).append(make_alert(step=22), "r1")
+    assert [r["step"] for r in EventLog(path).read()] == [10, 20, 22, 24, 20, 22]
+    current = EventLog(path).read_current()
+    assert [(r["step"], r["rule"]) for r in current] == [
+        (10, "loss_spike"),
+        (20, "loss_spike"),
+        (20, RESUMED),
+        (22, "loss_spike"),
+    ]
 
 
-def test_truncate_after_keeps_earlier_lines_byte_for_byte(tmp_path: Path) -> None:
+def test_a_resume_never_supersedes_another_runs_records(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    EventLog(path).append(make_alert(step=1, value=float("nan")))
-    EventLog(path).append(make_alert(step=2))
-    first_line = path.read_text().splitlines()[0]
-    EventLog(path).truncate_after(1)
-    assert path.read_text() == first_line + "\n"
+    EventLog(path).append(make_alert(step=30), "other")
+    EventLog(path).append(make_alert(step=30), "r1")
+    EventLog(path).append(*resumed(20))
+    assert [r["run"] for r in EventLog(path).read_current()] == ["other", "r1"]
 
 
-def test_truncate_after_drops_a_torn_line_without_counting_it(tmp_path: Path) -> None:
+def test_records_of_older_versions_without_a_run_are_superseded_by_a_resume(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "events.jsonl"
-    EventLog(path).append(make_alert(step=1))
-    write_torn_line(path)
-    assert EventLog(path).truncate_after(5) == 0
-    assert EventLog(path).read_with_skipped()[1] == 0
-    assert [r["step"] for r in EventLog(path).read()] == [1]
+    EventLog(path).append(make_alert(step=30))
+    EventLog(path).append(*resumed(20))
+    assert [r["rule"] for r in current_records(EventLog(path).read())] == [RESUMED]
 
 
-def test_truncate_after_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+def test_appending_never_rewrites_earlier_lines(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    EventLog(path).append(make_alert(step=1))
-    EventLog(path).append(make_alert(step=2))
-    inode_before = path.stat().st_ino
-    EventLog(path).truncate_after(1)
-    assert path.stat().st_ino != inode_before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]
-
-
-def test_truncate_after_on_a_missing_log_is_a_no_op(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    assert EventLog(path).truncate_after(3) == 0
-    assert not path.exists()
+    EventLog(path).append(make_alert(step=1, value=float("nan")), "r1")
+    first = path.read_bytes()
+    inode = path.stat().st_ino
+    EventLog(path).append(*resumed(0))
+    assert path.read_bytes().startswith(first) and path.stat().st_ino == inode
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.fault
 def test_a_full_disk_surfaces_as_an_os_error_from_append() -> None:
     with pytest.raises(OSError):
         EventLog("/dev/full").append(make_alert())

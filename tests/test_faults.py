@@ -46,12 +46,14 @@ def run_with_log_dir(
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
+@pytest.mark.fault
 def test_a_full_disk_under_the_log_dir_does_not_stop_training(tmp_path: Path) -> None:
     result, stderr = run_with_log_dir(tmp_path, "mount -t tmpfs -o size=16k tmpfs {dir}")
     assert result["steps"] == 8 and result["probes"] == [0, 2, 4, 6, 8]
     assert "No space left on device" in stderr
 
 
+@pytest.mark.fault
 def test_a_read_only_log_dir_does_not_stop_training(tmp_path: Path) -> None:
     read_only = "mount -t tmpfs -o size=1m tmpfs {dir} && mount -o remount,ro {dir}"
     result, stderr = run_with_log_dir(tmp_path, read_only)
@@ -60,6 +62,7 @@ def test_a_read_only_log_dir_does_not_stop_training(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.fault
 def test_an_event_log_on_dev_full_does_not_stop_training(tmp_path: Path) -> None:
     result, stderr = run_with_log_dir(
         tmp_path, "mount -t tmpfs -o size=8m tmpfs {dir}", ["/dev/full"]

@@ -14,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from spinal_callback.events import EventLog
 from spinal_callback.integrations.lightning import SpinalCallback
 from spinal_callback.tensorboard import layer_scalars, trace_scalars
 
@@ -193,6 +194,7 @@ def test_resume_from_checkpoint_writes_no_duplicate_and_no_missing_steps(
     assert logged[-1].value == pytest.approx(resumed.traces[-1].summary["transport_mean"], rel=1e-6)
 
 
+@pytest.mark.fault
 def test_a_resumed_run_ends_in_the_state_of_an_uninterrupted_one(
     make_model: Callable[..., PreTrainedModel],
     tokenizer: PreTrainedTokenizerFast,
@@ -470,3 +472,58 @@ def test_the_stop_names_the_last_model_checkpoint_saved_before_the_first_warning
         trainer.fit(module, pair_batches())
     assert trainer.global_step == 6
     assert f"Resume from {tmp_path / 'ckpt' / 'epoch=0-step=4.ckpt'} (step 4)" in caplog.text
+
+
+class KillAt(pl.Callback):
+    """Fault injection: the process dies after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.fault
+def test_a_resume_with_a_versioned_logger_goes_on_in_the_new_version_and_leaves_the_old(
+    make_model: Callable[..., PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    tmp_path: Path,
+    probe_texts: list[str],
+) -> None:
+    def trainer_with(callbacks: list[Any]) -> Any:
+        logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")  # versioned
+        return make_trainer(tmp_path, callbacks, max_steps=20, logger=logger)
+
+    saving = pl.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), every_n_train_steps=10, save_top_k=-1
+    )
+    first = SpinalCallback(probe_texts=probe_texts, every_n_steps=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer_with([first, saving, KillAt(16)]).fit(
+            TinyDPOModule(make_model("llama", layers=4), tokenizer), pair_batches()
+        )
+    old = tmp_path / "tb" / "version_0"
+    old_files = {p.name: p.read_bytes() for p in old.iterdir() if p.name.startswith("spinal_")}
+    assert old_files
+
+    time.sleep(1.1)
+    resumed = SpinalCallback(probe_texts=probe_texts, every_n_steps=2)
+    trainer = trainer_with([resumed])
+    trainer.fit(
+        TinyDPOModule(make_model("llama", layers=4), tokenizer),
+        pair_batches(),
+        ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=10.ckpt"),
+    )
+    new = Path(trainer.logger.log_dir)
+    assert new.name == "version_1"
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.name in old_files} == old_files
+    lines = [json.loads(line) for line in (new / "spinal_traces.jsonl").open()]
+    assert [line["trace"]["step"] for line in lines] == list(range(0, 21, 2))
+    records = EventLog(new / "spinal_events.jsonl").read()
+    assert records[0]["rule"] == "resumed" and str(old) in records[0]["message"]
+    logged = events_in(new).Scalars("spinal/ramp/transport_mean")
+    assert [e.step for e in logged] == list(range(12, 21, 2))

@@ -173,6 +173,7 @@ def test_the_monitor_is_calibrated_on_the_reference_trace(
     assert session.monitor.probes_seen == len(spinal.traces)
 
 
+@pytest.mark.fault
 def test_resume_writes_no_duplicate_and_no_missing_probe_steps(
     make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
 ) -> None:
@@ -225,6 +226,7 @@ def test_unknown_config_field_is_rejected_at_construction() -> None:
         SpinalTrainerCallback(every_n_step=5)
 
 
+@pytest.mark.fault
 def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
     make_dpo_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,6 +254,7 @@ def test_a_failing_probe_is_retried_with_half_the_batch_and_training_goes_on(
     assert callback.traces[-1].metadata["probe_rows"] == full_rows[0] // 2
 
 
+@pytest.mark.fault
 def test_a_probe_that_keeps_failing_is_switched_off_and_training_goes_on(
     make_dpo_trainer: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,6 +368,7 @@ def test_the_checkpointed_state_stays_small_however_many_probes(
     assert state["history"]["count"] == 13 and len(json.dumps(state)) < 20_000
 
 
+@pytest.mark.fault
 def test_nan_weights_at_the_first_probe_stop_with_a_checkpoint_and_no_weight_change(
     make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
 ) -> None:

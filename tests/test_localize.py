@@ -431,3 +431,33 @@ def test_the_two_models_may_sit_on_different_devices(
     result = localize(base, on_gpu, task_tokenizer, pairs, progress=False, ranks=[1, 2, 4, 64])
     assert result.ranking == one_block_result.ranking
     assert result.effect == pytest.approx(one_block_result.effect, abs=1e-4)
+
+
+@pytest.mark.usefixtures("no_forward")
+def test_one_pair_is_refused_before_any_forward_as_too_few_for_an_interval(
+    base: PreTrainedModel, task_tokenizer: PreTrainedTokenizerFast, pairs: list[dict[str, str]]
+) -> None:
+    with pytest.raises(ValueError, match="needs at least 2 preference pairs, got 1: .*add pairs"):
+        localize(base, base, task_tokenizer, pairs[:1], progress=False)
+
+
+def test_cli_refuses_one_pair_before_loading_a_model(
+    tmp_path: Path,
+    base: PreTrainedModel,
+    task_tokenizer: PreTrainedTokenizerFast,
+    pairs: list[dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("spinal localize loaded a model before counting the pairs")
+
+    monkeypatch.setattr("spinal_callback.cli.load_local_model", forbidden)
+    status = run_localize(tmp_path, base, task_tokenizer, pairs[:1], "base", ["--no-progress"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spinal")]
+    assert status == 2
+    assert errors == [
+        "spinal localize: error: localize needs at least 2 preference pairs, got 1: its "
+        "confidence intervals resample the pairs, and resamples of one pair all equal it (an "
+        "interval of zero width); add pairs (a few dozen give useful intervals)"
+    ]

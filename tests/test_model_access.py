@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from spinal_callback.model_access import ModelAccessError, resolve_model_parts, unwrap_model
+from spinal_callback.model_access import (
+    ModelAccessError,
+    check_reference_model,
+    resolve_model_parts,
+    unwrap_model,
+)
 from spinal_callback.tiny import TINY_ARCHITECTURES
 
 EXPECTED_PATHS = {
@@ -155,3 +163,115 @@ def test_missing_head_error_names_the_option() -> None:
 def test_wrong_explicit_blocks_path_is_reported(llama: PreTrainedModel) -> None:
     with pytest.raises(ModelAccessError, match="blocks_path='model.blocks'"):
         resolve_model_parts(llama, blocks_path="model.blocks")
+
+
+def test_reference_check_accepts_the_policy_itself(llama: PreTrainedModel) -> None:
+    check_reference_model(llama, llama)
+
+
+def test_reference_check_accepts_a_copy_of_the_policy(llama: PreTrainedModel) -> None:
+    check_reference_model(llama, copy.deepcopy(llama))
+
+
+def test_reference_check_accepts_a_lora_policy_with_a_plain_model_of_its_base(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(make_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    check_reference_model(policy, make_model("llama"))
+
+
+def test_reference_with_another_depth_is_rejected_naming_both_depths(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
+    with pytest.raises(ValueError, match="number of decoder blocks is 2 but the policy's is 4"):
+        check_reference_model(make_model("llama", layers=4), make_model("llama", layers=2))
+
+
+def test_reference_with_a_larger_vocabulary_is_rejected_naming_both_sizes(
+    llama: PreTrainedModel,
+) -> None:
+    reference = copy.deepcopy(llama)
+    reference.resize_token_embeddings(llama.config.vocab_size + 64)
+    expected = f"vocabulary size is {llama.config.vocab_size + 64} but the policy's is "
+    with pytest.raises(ValueError, match=f"{expected}{llama.config.vocab_size}"):
+        check_reference_model(llama, reference)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "model_class"), [("qwen2", "Qwen2ForCausalLM"), ("gpt2", "GPT2LMHeadModel")]
+)
+def test_reference_of_another_architecture_is_rejected_naming_both(
+    architecture: str, model_class: str, make_model: Callable[..., PreTrainedModel]
+) -> None:
+    expected = (
+        f"architecture is '{architecture}' ({model_class}) "
+        "but the policy's is 'llama' (LlamaForCausalLM)"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_reference_model(make_model("llama"), make_model(architecture))
+
+
+def test_reference_with_another_hidden_size_is_rejected_naming_both_sizes(
+    make_model: Callable[..., PreTrainedModel],
+) -> None:
+    with pytest.raises(ValueError, match="hidden size is 128 but the policy's is 64"):
+        check_reference_model(make_model("llama", hidden=64), make_model("llama", hidden=128))
+
+
+@pytest.mark.parametrize(
+    "reference_options",
+    [{"layers": 2}, {"hidden": 128}, {"architecture": "qwen2"}],
+    ids=["depth", "hidden", "architecture"],
+)
+def test_every_mismatch_says_the_reference_must_be_the_policys_starting_point(
+    reference_options: dict[str, object], make_model: Callable[..., PreTrainedModel]
+) -> None:
+    with pytest.raises(ValueError, match="must be the policy's starting point") as error:
+        check_reference_model(make_model("llama", layers=4), make_model(**reference_options))
+    assert "the model the policy was loaded from" in str(error.value)
+
+
+@pytest.mark.parametrize("path", ["/some/path", Path("/some/path")], ids=["str", "Path"])
+def test_path_as_reference_is_rejected_with_how_to_load_it(
+    path: str | Path, llama: PreTrainedModel
+) -> None:
+    with pytest.raises(TypeError, match="got the path '/some/path'") as error:
+        check_reference_model(llama, path)
+    message = str(error.value)
+    assert "AutoModelForCausalLM.from_pretrained('/some/path')" in message
+    assert "spinal_callback.loading.load_local_model('/some/path')" in message
+
+
+def test_non_module_reference_is_rejected_naming_its_type(llama: PreTrainedModel) -> None:
+    with pytest.raises(TypeError, match="must be an nn.Module, got an object of type OrderedDict"):
+        check_reference_model(llama, llama.state_dict())
+
+
+def test_reference_without_the_policys_parts_is_rejected_naming_its_class(
+    llama: PreTrainedModel,
+) -> None:
+    with pytest.raises(ValueError, match=r"reference model \(UnknownLM\)") as error:
+        check_reference_model(llama, UnknownLM())
+    assert not isinstance(error.value, ModelAccessError)
+
+
+def test_policy_without_findable_parts_raises_the_lookups_own_error() -> None:
+    with pytest.raises(ModelAccessError, match="blocks_path="):
+        check_reference_model(UnknownLM(), UnknownLM())
+
+
+def test_reference_check_applies_explicit_paths_to_both_models() -> None:
+    paths = {"blocks_path": "trunk.stages", "final_norm_path": "trunk.last_norm"}
+    check_reference_model(UnknownLM(), UnknownLM(), head_path="unembed", **paths)
+
+
+def test_models_without_a_config_are_compared_by_decoder_block_class() -> None:
+    reference = UnknownLM()
+    reference.trunk.stages = nn.ModuleList([nn.Identity() for _ in range(3)])
+    paths = {"blocks_path": "trunk.stages", "final_norm_path": "trunk.last_norm"}
+    with pytest.raises(
+        ValueError, match="decoder block class is Identity but the policy's is Linear"
+    ):
+        check_reference_model(UnknownLM(), reference, head_path="unembed", **paths)

@@ -180,3 +180,37 @@ def test_every_prefix_of_the_shuffled_sample_is_the_subsample_of_its_size(side: 
         batch.input_ids.reshape(-1)[shuffled],
         right.input_ids.reshape(-1)[right.shuffled_sample(40, 3)],
     )
+
+
+def test_from_texts_rejects_distinct_texts_that_truncate_to_identical_rows(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"tokenize to identical rows at max_probe_length=1 .*raise max_probe_length",
+    ):
+        ProbeBatch.from_texts(tokenizer, probe_texts, max_length=1)
+
+
+def test_from_dataset_rejects_token_id_prompts_that_truncate_to_one_row(
+    tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    shared = list(range(10, 30))
+    rows = [{"prompt_ids": [*shared, 100 + i]} for i in range(8)]
+    with pytest.raises(ValueError, match=r"identical rows at max_probe_length=16"):
+        ProbeBatch.from_dataset(tokenizer, rows, max_length=16)
+
+
+def test_a_single_probe_text_is_one_row_and_not_refused_as_identical(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> None:
+    batch = ProbeBatch.from_texts(tokenizer, [" ".join(probe_texts)], max_length=64)
+    assert batch.input_ids.shape == (1, 64)
+
+
+@pytest.mark.parametrize("max_length", [0, -5])
+def test_from_texts_rejects_a_max_length_below_one_naming_it(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str], max_length: int
+) -> None:
+    with pytest.raises(ValueError, match=rf"max_length must be a positive int .*got {max_length}"):
+        ProbeBatch.from_texts(tokenizer, probe_texts, max_length=max_length)

@@ -205,6 +205,7 @@ def fail_probe(monkeypatch: pytest.MonkeyPatch, error: BaseException, times: int
     return calls
 
 
+@pytest.mark.fault
 def test_an_out_of_memory_probe_is_retried_with_half_the_batch_and_the_baseline_restarts(
     llama: PreTrainedModel,
     make_runner: Callable[..., Runner],
@@ -240,6 +241,7 @@ def test_a_probe_bug_is_not_retried_and_switches_probing_off(
     assert not any(decision.stop for decision in decisions)
 
 
+@pytest.mark.fault
 def test_a_failing_probe_never_stops_training_even_with_stop_on_warning(
     llama: PreTrainedModel,
     make_runner: Callable[..., Runner],
@@ -273,6 +275,7 @@ def test_only_allocator_failures_count_as_out_of_memory(
 # ---- faults of the sinks ------------------------------------------------------------------
 
 
+@pytest.mark.fault
 def test_a_raising_on_alert_hook_is_logged_once_and_training_goes_on(
     llama: PreTrainedModel,
     make_runner: Callable[..., Runner],
@@ -321,7 +324,8 @@ def test_the_checkpointed_state_does_not_grow_with_the_number_of_probes(
     assert len(json.dumps(runner.state_dict())) <= small + 200
 
 
-def test_resume_restores_the_history_and_trims_what_the_killed_run_wrote_after_it(
+@pytest.mark.fault
+def test_resume_restores_the_history_and_supersedes_what_the_killed_run_wrote_after_it(
     make_model: Callable[..., PreTrainedModel],
     make_runner: Callable[..., Runner],
     tmp_path: Path,
@@ -333,15 +337,20 @@ def test_resume_restores_the_history_and_trims_what_the_killed_run_wrote_after_i
     state = json.loads(json.dumps(first.state_dict()))  # the checkpoint at step 4
     trainer.fit(max_steps=8, start=4)  # then the run goes on, alerts, and is killed
     log = EventLog(tmp_path / "events.jsonl")
-    assert any(record["step"] > 4 for record in log.read())
+    killed = [record for record in log.read() if record["step"] > 4]
+    assert killed
 
     resumed = make_runner(model)
     resumed.load_state_dict(state)
     FakeTrainer(resumed, model, tmp_path, losses=lambda s: 0.6).fit(max_steps=8, start=4)
     assert [trace.step for trace in resumed.traces] == [0, 2, 4, 6, 8]
-    steps = [json.loads(line)["step"] for line in (tmp_path / "spinal_traces.jsonl").open()]
-    assert steps == [0, 2, 4, 6, 8]
-    assert all(record["step"] <= 4 for record in log.read())
+    lines = [json.loads(line) for line in (tmp_path / "spinal_traces.jsonl").open()]
+    segments = {(line["segment"], line["trace"]["step"]) for line in lines}
+    assert {(0, 6), (0, 8)} <= segments, "the killed segment's traces stay in the file"
+    assert [line["trace"]["step"] for line in lines if line["segment"] == 1] == [0, 2, 4, 6, 8]
+    records = log.read()
+    assert all(record in records for record in killed), "the event log never loses a record"
+    assert [r for r in log.read_current() if r["step"] > 4 and r["rule"] != "resumed"] == []
 
 
 def test_a_resume_with_other_probe_texts_restarts_the_baseline(

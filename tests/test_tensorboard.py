@@ -471,6 +471,7 @@ def fault_root(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["read_only_mount", "read_only_chmod"])
+@pytest.mark.fault
 def test_a_read_only_log_dir_costs_output_until_it_is_writable_again(
     mode: str, fault_root: Path
 ) -> None:
@@ -496,6 +497,7 @@ def test_a_read_only_log_dir_costs_output_until_it_is_writable_again(
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_a_full_disk_costs_output_until_space_returns(fault_root: Path) -> None:
     skip_without_tmpfs_mounts(fault_root)
     result = run_fault_script("full", fault_root, mount="size=256k")

@@ -40,6 +40,7 @@ def test_save_then_load_round_trips_exactly(tmp_path: Path) -> None:
     assert loaded.contraction_status.dtype == torch.int8
 
 
+@pytest.mark.fault
 def test_saved_files_are_json_and_safetensors_not_pickle(tmp_path: Path) -> None:
     directory = make_trace().save(tmp_path / "trace")
     assert sorted(p.name for p in directory.iterdir()) == ["trace.json", "trace.safetensors"]

@@ -14,6 +14,7 @@ Where the scalars go: ``TraceBoard`` charts the whole trace in the ``TensorBoard
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.integrations.common import GoodCheckpoint, rank_event_log, resolve_config
+from spinal_callback.integrations.common import (
+    GoodCheckpoint,
+    check_keep_good_checkpoint,
+    fresh_runner,
+    rank_event_log,
+    resolve_config,
+    rotate_good_checkpoint,
+)
 from spinal_callback.outputs import AlertHook, Outputs
 from spinal_callback.runner import Decision, Runner
 from spinal_callback.sharding import attach_root
@@ -97,14 +105,17 @@ class SpinalCallback(pl.Callback):
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.log_dir = log_dir
+        check_keep_good_checkpoint(keep_good_checkpoint)
         self.keep_good_checkpoint = keep_good_checkpoint
-        self.runner = Runner(
+        self._new_runner = functools.partial(
+            Runner,
             self.config,
             probe_texts,
             neutral_texts,
             on_alert,
             keep_good_checkpoint=keep_good_checkpoint is not None,
         )
+        self.runner = self._new_runner()
         self._last_logs_step = -1
         self._metrics_seen: dict[str, float] = {}
         self._checkpoints_seen: set[str] = set()
@@ -124,6 +135,14 @@ class SpinalCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.runner.begun:
+            self.runner = fresh_runner(self.runner, self._new_runner)
+            self._last_logs_step, self._metrics_seen = -1, {}
+            self._checkpoints_seen, self._good, self._saving_step = set(), None, None
+        check_keep_good_checkpoint(
+            self.keep_good_checkpoint,
+            [trainer.default_root_dir, self._own_log_dir(trainer), self.config.event_log],
+        )
         reference = next(
             (
                 getattr(pl_module, a)
@@ -187,17 +206,12 @@ class SpinalCallback(pl.Callback):
         if decision.save_good and self.keep_good_checkpoint is not None:
             if self._good is None:
                 self._good = GoodCheckpoint(
-                    self.keep_good_checkpoint, trainer.save_checkpoint, trainer.is_global_zero
-                )
-            try:
-                promoted = self._good.rotate(step)
-            except OSError as error:
-                _log.error(
-                    "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",
                     self.keep_good_checkpoint,
-                    error,
+                    trainer.save_checkpoint,
+                    trainer.is_global_zero,
+                    self.runner.run_id,
                 )
-                promoted = None
+            promoted = rotate_good_checkpoint(self._good, step)
             if promoted is not None:
                 self.runner.saved(promoted, self.keep_good_checkpoint)
         if decision.stop and not trainer.should_stop:

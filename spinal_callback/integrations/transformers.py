@@ -15,9 +15,9 @@ summaries are never charted a second time as ``train/spinal/*`` in the trainer's
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +27,15 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.integrations.common import GoodCheckpoint, rank_event_log, resolve_config
+from spinal_callback.integrations.common import (
+    GoodCheckpoint,
+    check_keep_good_checkpoint,
+    check_reference_argument,
+    fresh_runner,
+    rank_event_log,
+    resolve_config,
+    rotate_good_checkpoint,
+)
 from spinal_callback.outputs import AlertHook, Outputs
 from spinal_callback.runner import Decision, Runner
 from spinal_callback.tensorboard import TraceBoard
@@ -125,15 +133,19 @@ class SpinalTrainerCallback(TrainerCallback):
         }
         self.config = resolve_config(config, explicit, config_overrides)
         self.log_dir = log_dir
+        check_reference_argument(ref_model)
         self.ref_model = ref_model
+        check_keep_good_checkpoint(keep_good_checkpoint)
         self.keep_good_checkpoint = keep_good_checkpoint
-        self.runner = Runner(
+        self._new_runner = functools.partial(
+            Runner,
             self.config,
             probe_texts,
             neutral_texts,
             on_alert,
             keep_good_checkpoint=keep_good_checkpoint is not None,
         )
+        self.runner = self._new_runner()
         self._model: nn.Module | None = None
         self._good: GoodCheckpoint | None = None
 
@@ -159,13 +171,19 @@ class SpinalTrainerCallback(TrainerCallback):
     ) -> None:
         if model is None:
             raise ValueError("SpinalTrainerCallback got no model from the trainer")
+        if self.runner.begun:
+            self.runner = fresh_runner(self.runner, self._new_runner)
+            self._good = None
+        log_dir = self.log_dir or default_log_dir(args)
+        check_keep_good_checkpoint(
+            self.keep_good_checkpoint, [str(args.output_dir), log_dir, self.config.event_log]
+        )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         dataset = getattr(train_dataloader, "dataset", None)
         self.runner.setup(model, tokenizer, dataset, self.ref_model)
         self._model = model
-        if state.global_step > 0 and self.runner.last_probe_step < 0:
+        if state.global_step > 0:
             self._restore(state)
-        log_dir = self.log_dir or default_log_dir(args)
         board = TraceBoard.open(log_dir) if state.is_world_process_zero else None
         outputs = Outputs(board, rank_event_log(self.config, log_dir), owns_board=True)
         self._act(self.runner.begin(state.global_step, outputs, log_dir), control, state)
@@ -235,19 +253,10 @@ class SpinalTrainerCallback(TrainerCallback):
 
             def save(path: str) -> None:
                 if main:
-                    shutil.rmtree(path, ignore_errors=True)
                     model.save_pretrained(path)  # type: ignore[operator]
 
-            self._good = GoodCheckpoint(self.keep_good_checkpoint, save, main)
-        try:
-            promoted = self._good.rotate(step)
-        except OSError as error:
-            logger.error(
-                "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",
-                self.keep_good_checkpoint,
-                error,
-            )
-            return
+            self._good = GoodCheckpoint(self.keep_good_checkpoint, save, main, self.runner.run_id)
+        promoted = rotate_good_checkpoint(self._good, step)
         if promoted is not None:
             self.runner.saved(promoted, self.keep_good_checkpoint)
 
