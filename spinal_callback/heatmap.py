@@ -8,7 +8,6 @@ alert.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -44,7 +43,8 @@ _TICK_PT, _LABEL_PT, _TITLE_PT = 11, 12, 12
 _STEP_AXIS_PX, _DIGIT_PX, _LABEL_GAP_PX = 280, 10, 10
 """Width of the heatmap's step axis (at least), of one 11 pt digit (at most), and the least gap
 between two step labels, in pixels."""
-_NICE_STRIDES = (1, 2, 5, 10, 20, 25, 50)
+_NICE_STEPS = (1, 2, 2.5, 5, 10)
+"""Label strides times a power of ten (2.5 only from 25 up: strides are whole columns)."""
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,16 @@ def figure_pixels(figure: Figure) -> np.ndarray:
 
 def _label_positions(count: int, most: int, least_stride: float = 1.0) -> list[int]:
     """Every k-th of ``count`` indices from 0, for the smallest k of 1, 2, 5, 10, 20, 25, 50,
-    100, ... that is at least ``least_stride`` and leaves at most ``most`` of them: labels
-    evenly spaced."""
-    stride = next(
-        base * 10**power
-        for power in range(len(str(count)) + 1)
-        for base in _NICE_STRIDES
-        if base * 10**power >= min(least_stride, count)
-        and math.ceil(count / (base * 10**power)) <= most
-    )
-    return list(range(0, count, stride))
+    100, ... (chosen by matplotlib's ``MaxNLocator``) that is at least ``least_stride`` and
+    leaves at most ``most`` of them: labels evenly spaced."""
+    from matplotlib.ticker import MaxNLocator
+
+    # The locator's step is at least span / most, which leaves at most `most` labels in
+    # [0, count); stretching the span to most * least_stride also keeps the step at least
+    # least_stride (a stride of `count` or more labels index 0 alone).
+    span = max(count, most * min(least_stride, count))
+    locator = MaxNLocator(nbins=most, steps=_NICE_STEPS, integer=True, min_n_ticks=1)
+    return [int(tick) for tick in locator.tick_values(0, span) if 0 <= tick < count]
 
 
 def _same_layers(history: Sequence[DepthTrace]) -> list[DepthTrace]:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spinal_callback.sink_guard import SinkGuard
 from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
@@ -47,7 +48,10 @@ class TraceHistory:
         self.traces: list[DepthTrace] = []
         self._lines = 0
         self._digest = hashlib.sha256()
-        self._file_failed = False
+        self._guard = SinkGuard(
+            f"writing the trace history {self.path or ''}".rstrip(),
+            "traces stay in memory and a checkpoint holds them inline",
+        )
         self._restored: dict[str, Any] | None = None
 
     def __len__(self) -> int:
@@ -60,6 +64,7 @@ class TraceHistory:
         """Write to ``path`` from now on (the run's own file); after ``load_state_dict``, find
         the checkpoint's traces and copy them into a new segment of it."""
         self.path = Path(path)
+        self._guard.what = f"writing the trace history {self.path}"
         restored, self._restored = self._restored, None
         if restored is None:
             return
@@ -86,25 +91,10 @@ class TraceHistory:
             return
         record = {"run": self.run_id, "segment": self.segment, "trace": trace.to_dict()}
         line = (json.dumps(record, allow_nan=True) + "\n").encode("utf-8")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as file:
-                file.write(line)
-        except OSError as error:
-            if not self._file_failed:
-                logger.error(
-                    "spinal-callback: cannot write the trace history %s (%s); traces stay in "
-                    "memory and a checkpoint holds them inline",
-                    self.path,
-                    error,
-                )
-            self._file_failed = True
-            return
-        if self._file_failed:
-            logger.warning("spinal-callback: the trace history %s is writable again", self.path)
-        self._file_failed = False
-        self._lines += 1
-        self._digest.update(line)
+        path = self.path
+        if self._guard.run(lambda: _append_line(path, line)):
+            self._lines += 1
+            self._digest.update(line)
 
     def restart(self) -> None:
         """Forget the traces in memory (a new probe: old traces are not comparable); the file
@@ -114,7 +104,7 @@ class TraceHistory:
     def state_dict(self) -> dict[str, Any]:
         """``{"file", "run", "segment", "count", "sha256", "from_line"}`` when the file holds
         every trace of the current segment, else the traces inline."""
-        if self.path is None or self._file_failed or self._lines < len(self.traces):
+        if self.path is None or self._guard.failing or self._lines < len(self.traces):
             return {"traces": [trace.to_dict() for trace in self.traces]}
         return {
             "file": str(self.path),
@@ -136,6 +126,12 @@ class TraceHistory:
         self._restored = dict(state)
         if self.path is not None:
             self.open(self.path)
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as file:
+        file.write(line)
 
 
 def _find_segment(path: Path, state: dict[str, Any]) -> list[bytes] | None:

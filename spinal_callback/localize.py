@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spinal_callback.model_access import resolve_model_parts
+from spinal_callback.model_access import ModelParts, hidden_size, resolve_model_parts
 from spinal_callback.pairs import SIDES, collate_pairs
 from spinal_callback.patching import PatchRunner, check_same_architecture
 
@@ -193,14 +193,15 @@ def localize(
             does not move the mean margin (nothing to localize).
     """
     _check_settings(pairs, batch_size, top_layers, bootstrap, confidence, ranks)
-    base_blocks = list(resolve_model_parts(base, blocks_path).blocks)
-    tuned_blocks = list(resolve_model_parts(tuned, blocks_path).blocks)
+    base_parts = resolve_model_parts(base, blocks_path)
+    tuned_parts = resolve_model_parts(tuned, blocks_path)
+    base_blocks, tuned_blocks = list(base_parts.blocks), list(tuned_parts.blocks)
     if len(base_blocks) != len(tuned_blocks):
         raise ValueError(
             f"the base model has {len(base_blocks)} blocks and the tuned one "
             f"{len(tuned_blocks)}; localize compares two checkpoints of one architecture"
         )
-    width = _matching_width(base, tuned)
+    width = _matching_width(base_parts, tuned_parts)
     check_same_architecture(base, tuned)
     if width is not None:
         _check_ranks(ranks, width)
@@ -298,22 +299,13 @@ def check_pair_count(count: int) -> None:
         )
 
 
-def _matching_width(base: nn.Module, tuned: nn.Module) -> int | None:
-    """The hidden width both configs declare (``None`` if they declare none); ``ValueError``
-    when the widths or vocabularies differ."""
-    sizes = []
-    for model in (base, tuned):
-        config = getattr(model, "config", None)
-        width = next(
-            (
-                value
-                for name in ("hidden_size", "n_embd", "d_model")
-                if isinstance(value := getattr(config, name, None), int)
-            ),
-            None,
-        )
-        sizes.append((width, getattr(config, "vocab_size", None)))
-    (base_width, base_vocab), (tuned_width, tuned_vocab) = sizes
+def _matching_width(base: ModelParts, tuned: ModelParts) -> int | None:
+    """The hidden width of both models (``model_access.hidden_size``; ``None`` if neither
+    tells it); ``ValueError`` when the widths or the configs' vocabularies differ."""
+    (base_width, base_vocab), (tuned_width, tuned_vocab) = [
+        (hidden_size(parts), getattr(getattr(parts.model, "config", None), "vocab_size", None))
+        for parts in (base, tuned)
+    ]
     if base_width != tuned_width or base_vocab != tuned_vocab:
         raise ValueError(
             f"the base model has width {base_width} and vocabulary {base_vocab}, the tuned one "

@@ -36,6 +36,9 @@ FINAL_NORM_PATHS = (
     "model.embedding_norm",  # LFM2: despite its name, applied after the last block
 )
 HEAD_INPUT_PATHS = ("model.decoder.project_out",)
+HIDDEN_SIZE_NAMES = ("hidden_size", "n_embd", "d_model")
+"""Config attributes that name the residual-stream width, in the order ``hidden_size`` reads
+them (Llama-style, GPT-2, T5-style)."""
 
 
 class ModelAccessError(ValueError):
@@ -303,7 +306,7 @@ def check_reference_model(
             "decoder block class", _block_class(policy_parts), _block_class(reference_parts)
         )
     _check_same("number of decoder blocks", policy_parts.num_blocks, reference_parts.num_blocks)
-    _check_same("hidden size", _hidden_size(policy_parts), _hidden_size(reference_parts))
+    _check_same("hidden size", hidden_size(policy_parts), hidden_size(reference_parts))
     _check_same("vocabulary size", _vocab_size(policy_parts), _vocab_size(reference_parts))
 
 
@@ -358,10 +361,19 @@ def _head_shape(parts: ModelParts) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _hidden_size(parts: ModelParts) -> int | None:
-    size = getattr(_text_config(getattr(parts.model, "config", None)), "hidden_size", None)
-    if isinstance(size, int):
-        return size
+def hidden_size(parts: ModelParts) -> int | None:
+    """The width ``d`` of the residual stream (the blocks' outputs), or ``None`` when nothing
+    tells it.
+
+    Read from the model's config (its text part for a multimodal model) as ``hidden_size``,
+    ``n_embd`` or ``d_model``, the first that is an ``int``; without one, from the head's input
+    width when the head takes the final norm's output directly (no OPT ``project_out``).
+    """
+    config = _text_config(getattr(parts.model, "config", None))
+    for name in HIDDEN_SIZE_NAMES:
+        size = getattr(config, name, None)
+        if isinstance(size, int):
+            return size
     return _head_shape(parts)[1] if parts.head_input is None else None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spinal_callback.events import Alert, AlertLevel, EventLog
+from spinal_callback.sink_guard import SinkGuard
 from spinal_callback.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
@@ -25,34 +26,20 @@ _LOG_LEVELS = {
 }
 
 
-class _Guard:
-    """Runs one sink's writes; the first failure of a streak is logged at ERROR, recovery at
-    WARNING, and nothing is raised."""
+def check_alert_hook(hook: object) -> AlertHook | None:
+    """``hook`` if it is ``None`` or a callable.
 
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failing = False
-
-    def run(
-        self, write: Callable[[], object], catch: type[BaseException] | tuple[Any, ...]
-    ) -> bool:
-        try:
-            write()
-        except catch as error:
-            if not self.failing:
-                logger.error(
-                    "spinal-callback: %s failed (%r); training goes on, records stay in memory "
-                    "and the console, and it is retried at the next record",
-                    self.what,
-                    error,
-                    exc_info=not isinstance(error, OSError),
-                )
-            self.failing = True
-            return False
-        if self.failing:
-            logger.warning("spinal-callback: %s works again", self.what)
-        self.failing = False
-        return True
+    Raises:
+        TypeError: anything else (a URL string, say), at construction rather than at the first
+            alert.
+    """
+    if hook is not None and not callable(hook):
+        raise TypeError(
+            f"on_alert must be a callable taking an Alert, got {hook!r} "
+            f"({type(hook).__name__}); to post alerts to a URL, pass a function that "
+            "posts alert.to_dict()"
+        )
+    return hook
 
 
 class Outputs:
@@ -80,8 +67,8 @@ class Outputs:
         self.run_id: str | None = None
         """Written into every event-log record (``Runner.begin`` sets it)."""
         where = event_log.path if event_log is not None else Path("-")
-        self._log_guard = _Guard(f"writing the event log {where}")
-        self._hook_guard = _Guard("the on_alert hook")
+        self._log_guard = SinkGuard(f"writing the event log {where}")
+        self._hook_guard = SinkGuard("the on_alert hook")
 
     def alert(self, alert: Alert) -> None:
         """Event log first (it must survive a crash), then the console, TensorBoard, the hook."""

@@ -93,9 +93,17 @@ def collate_pairs(tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, Tenso
 def response_logps(model: nn.Module, ids: Tensor, attention: Tensor, response: Tensor) -> Tensor:
     """Summed log-probability (float32 ``[b]``, nats, <= 0) of the response tokens given
     everything before them; ``ids``, ``attention``, ``response`` are ``[b, t]``."""
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token_logps * response[:, 1:]).sum(dim=-1)
+    logits = model(input_ids=ids, attention_mask=attention).logits
+    return reply_logps(logits, ids, response)
+
+
+def reply_logps(logits: Tensor, ids: Tensor, response: Tensor) -> Tensor:
+    """Summed log-probability (float32 ``[b]``, nats, <= 0) of the reply tokens from a
+    forward's logits ``[b, t, V]`` (any float dtype): position ``i`` predicts token ``i + 1``
+    of ``ids`` ``[b, t]``, counted where the mask ``response`` ``[b, t]`` is 1."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = logps.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token * response[:, 1:]).sum(dim=-1)
 
 
 def reply_logp_shifts(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from spinal_callback.capture import eval_mode
 from spinal_callback.model_access import unwrap_model
-from spinal_callback.pairs import SIDES
+from spinal_callback.pairs import SIDES, reply_logps
 
 Patch = Callable[[int, Tensor], Tensor]
 """``(block index, block output [2b, t, d]) -> replacement``."""
@@ -270,13 +270,6 @@ def patch_positions(inputs: dict[str, Tensor], all_tokens: bool) -> Tensor:
     positions = torch.zeros_like(inputs["response"], dtype=torch.bool)
     positions[:, :-1] = inputs["response"][:, 1:].bool()
     return positions
-
-
-def reply_logps(logits: Tensor, ids: Tensor, response: Tensor) -> Tensor:
-    """Summed reply-token log-probs ``[2b]`` (float32, nats) from logits ``[2b, t, V]``."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token = logps.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token * response[:, 1:]).sum(dim=-1)
 
 
 def pair_distance(base: Tensor, tuned: Tensor, positions: Tensor) -> Tensor:

@@ -37,7 +37,12 @@ from spinal_callback.metrics import (
     ramp_summaries,
     tail_band,
 )
-from spinal_callback.model_access import ModelParts, resolve_model_parts
+from spinal_callback.model_access import (
+    HIDDEN_SIZE_NAMES,
+    ModelParts,
+    hidden_size,
+    resolve_model_parts,
+)
 from spinal_callback.probe_batch import ProbeBatch
 from spinal_callback.sharding import root_parameters_whole
 from spinal_callback.trace import DepthTrace
@@ -410,9 +415,15 @@ class SpinalProbe:
             )
 
     def _check_spectrum_rank(self) -> None:
-        hidden_size = _hidden_size(self.parts)
+        width = hidden_size(self.parts)
+        if width is None:
+            config = getattr(self.parts.model, "config", None)
+            raise ValueError(
+                f"cannot read the hidden size from {type(config).__name__}: give the config a "
+                f"{' or '.join(HIDDEN_SIZE_NAMES)} attribute"
+            )
         for name, group in zip(GROUP_NAMES, self.groups):
-            rank = min(group.spectrum_index.numel() - 1, hidden_size)
+            rank = min(group.spectrum_index.numel() - 1, width)
             band = tail_band(rank, self.config.tail_low, self.config.tail_high)
             if len(band) < 2:
                 raise ValueError(
@@ -432,7 +443,7 @@ class SpinalProbe:
                 group.transport_index,
             ):
                 digest.update(tensor.numpy().tobytes())
-        settings = {
+        settings: dict[str, object] = {
             "layers": self.layers,
             "transport": self.config.transport,
             "tail": [self.config.tail_low, self.config.tail_high],
@@ -443,15 +454,6 @@ class SpinalProbe:
             settings["lens_dtype"] = self.config.lens_dtype
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()[:16]
-
-
-def _hidden_size(parts: ModelParts) -> int:
-    config = getattr(parts.model, "config", None)
-    for name in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot read the hidden size from {type(config).__name__}")
 
 
 def _vocab_size(parts: ModelParts, hidden: Tensor) -> int:

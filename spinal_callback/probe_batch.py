@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spinal_callback.config import MIN_PROBE_LENGTH
+from spinal_callback.config import MIN_PROBE_LENGTH, SpinalConfig
 from spinal_callback.metrics import MIN_SPECTRUM_TOKENS
 from spinal_callback.texts import check_texts
 
@@ -302,3 +302,30 @@ def _render_prompt(tokenizer: Any, row: Any) -> str:
         "expected a string "
         "or a list of chat messages"
     )
+
+
+def build_probe_batch(
+    config: SpinalConfig,
+    tokenizer: Any,
+    probe_texts: Sequence[str] | None,
+    dataset: Any = None,
+) -> ProbeBatch:
+    """The probe of a run: ``probe_texts``, else the prompts of ``dataset``, at the config's
+    ``max_probe_length``.
+
+    Raises:
+        ValueError: no tokenizer, or neither texts nor a dataset with a ``prompt`` column.
+    """
+    if tokenizer is None:
+        raise ValueError(
+            "spinal-callback needs a tokenizer to build the probe: pass tokenizer=... to the "
+            "callback (Lightning) or processing_class=... to the trainer (HF/TRL)"
+        )
+    if probe_texts is not None:
+        return ProbeBatch.from_texts(tokenizer, list(probe_texts), config.max_probe_length)
+    if dataset is None:
+        raise ValueError(
+            "spinal-callback has no probe texts and no train dataset to take prompts from: "
+            "pass probe_texts=[...] to the callback"
+        )
+    return ProbeBatch.from_dataset(tokenizer, dataset, max_length=config.max_probe_length)

@@ -6,11 +6,15 @@ import math
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from spinal_callback.localize import Localization
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.trace import DepthTrace
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def format_comparison_table(traces: Mapping[str, DepthTrace]) -> str:
@@ -102,21 +106,20 @@ def _bar(length: float) -> float:
     return length if math.isfinite(length) and length > 0 else 0.0
 
 
-def _two_panels() -> tuple[Any, tuple[Any, Any]]:
-    """A headless (Agg) figure with two side-by-side axes."""
-    import matplotlib
+def _two_panels() -> tuple[Figure, tuple[Axes, Axes]]:
+    """A figure with two side-by-side axes on its own Agg canvas: neither pyplot nor the
+    user's matplotlib backend is touched, so a notebook's plotting keeps working."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figure = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    return figure, (left, right)
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    return figure, (axes[0], axes[1])
 
-
-def _save_figure(figure: Any, axes: tuple[Any, ...], path: str | Path) -> Path:
-    """Grid and legend on every axis, then write ``figure`` as a PNG at ``path`` and close it."""
-    import matplotlib.pyplot as plt
-
+def _save_figure(figure: Figure, axes: tuple[Axes, ...], path: str | Path) -> Path:
+    """Grid and legend on every axis, then write ``figure`` as a PNG at ``path``."""
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -124,5 +127,4 @@ def _save_figure(figure: Any, axes: tuple[Any, ...], path: str | Path) -> Path:
     output = Path(path)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=110)
-    plt.close(figure)
     return output

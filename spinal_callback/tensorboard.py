@@ -36,6 +36,7 @@ from spinal_callback.heatmap import depth_trace_figure, figure_pixels
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES
 from spinal_callback.rules.departure import departure
 from spinal_callback.rules.language import perplexity_ratio
+from spinal_callback.sink_guard import SinkGuard
 from spinal_callback.trace import DepthTrace, block_name
 
 logger = logging.getLogger("spinal_callback")
@@ -182,16 +183,15 @@ class TraceBoard:
         retry_after_s: float,
         clock: Callable[[], float],
     ) -> None:
-        if retry_after_s < 0:
-            raise ValueError(f"retry_after_s={retry_after_s} is negative; pass seconds >= 0")
+        self._guard = SinkGuard(
+            f"TensorBoard output to {log_dir}",
+            f"training goes on without it, retrying every {retry_after_s:g} s",
+            retry_after_s,
+            clock,
+        )
         self._writer = writer
         self._log_dir = log_dir
         self._owned = owned
-        self._retry_after_s = retry_after_s
-        self._clock = clock
-        self._broken = False
-        self._retry_at = 0.0
-        self._lost_writes = 0
         self._purge_step: int | None = None
         self._purged: set[str] = set()
         self._runs: dict[str, Any] = {}
@@ -211,7 +211,7 @@ class TraceBoard:
     @property
     def healthy(self) -> bool:
         """False from a failed write until a retry succeeds."""
-        return not self._broken
+        return not self._guard.failing
 
     @property
     def writer(self) -> Any:
@@ -346,7 +346,7 @@ class TraceBoard:
         """Image ``spinal/depth_trace`` at the last trace's step: both scores as layer x
         probe-step heatmaps (see ``heatmap.depth_trace_figure``), with the reference column and
         the alert steps marked. Not rendered while broken."""
-        if not history or self._waiting():
+        if not history or self._guard.waiting():
             return
         image = figure_pixels(depth_trace_figure(history, reference, alerts))
         step = history[-1].step
@@ -383,43 +383,21 @@ class TraceBoard:
             try:
                 writer.close()
             except Exception as error:  # an I/O sink: see _write
-                self._fail("closing", error)
+                self._guard.fail(error, "closing")
 
     def _write(self, doing: str, write: Callable[[Any], object]) -> None:
-        """Run ``write`` on the writer unless broken and not yet due for a retry; a failure
-        marks the board broken instead of raising."""
-        if self._waiting():
-            return
-        try:
-            write(self._ready_writer())
-        # Any failure of an I/O sink (OSError, a writer thread's stored exception, a writer
-        # closed under us) may cost TensorBoard output, never the training run.
-        except Exception as error:
-            self._fail(doing, error)
-            return
-        if self._broken:
-            self._broken = False
-            logger.warning(
-                "spinal-callback: TensorBoard output to %s works again; %d writes were lost "
-                "while it failed",
-                self._log_dir,
-                self._lost_writes,
-            )
-
-    def _waiting(self) -> bool:
-        """True (and one more write lost) while broken and the retry is not yet due."""
-        if self._broken and self._clock() < self._retry_at:
-            self._lost_writes += 1
-            return True
-        return False
+        """Run ``write`` on the writer unless failing and not yet due for a retry (``SinkGuard``).
+        Any failure of an I/O sink (OSError, a writer thread's stored exception, a writer closed
+        under us) costs TensorBoard output, never the training run."""
+        self._guard.run(lambda: write(self._ready_writer()), Exception, doing)
 
     def _ready_writer(self) -> Any:
         """The writer to use now: for an owned one, a new ``SummaryWriter`` after a failure or
         before the first write. A pending purge goes first."""
-        if self._broken:
+        if self._guard.failing:
             self._discard_runs()
         if self._owned:
-            if self._broken and self._writer is not None:
+            if self._guard.failing and self._writer is not None:
                 self._discard_writer()
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -484,27 +462,6 @@ class TraceBoard:
         file_writer.add_event(start)
         file_writer.add_event(start)
         self._purged.add(run)
-
-    def _fail(self, doing: str, error: Exception) -> None:
-        """Mark the board broken until ``retry_after_s`` from now; ERROR on the first failure
-        only, so a broken disk is reported once, not at every step."""
-        self._retry_at = self._clock() + self._retry_after_s
-        if self._broken:
-            self._lost_writes += 1
-            logger.debug("spinal-callback: TensorBoard still failing (%s): %s", doing, error)
-            return
-        self._broken = True
-        self._lost_writes = 1
-        logger.error(
-            "spinal-callback: TensorBoard output to %s failed while %s (%s: %s); training goes "
-            "on without it, retrying every %g s",
-            self._log_dir,
-            doing,
-            type(error).__name__,
-            error,
-            self._retry_after_s,
-            exc_info=not isinstance(error, OSError),
-        )
 
 
 def _add_text(writer: Any, tag: str, text: str, step: int) -> None:

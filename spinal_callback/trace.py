@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from spinal_callback.atomic import replace_atomically
 from spinal_callback.metrics import RAMP_SUMMARY_NAMES, ContractionStatus
 
 FORMAT_VERSION = 2
@@ -167,10 +168,12 @@ class DepthTrace:
         if self.neutral is not None:
             tensors.update({NEUTRAL_PREFIX + k: v for k, v in self.neutral._tensors().items()})
             header["neutral"] = self.neutral._header()
-        tensor_path = directory / TENSORS_NAME
-        save_file(tensors, str(tensor_path))
+        tensor_path = replace_atomically(
+            directory / TENSORS_NAME, lambda partial: save_file(tensors, str(partial))
+        )
         header["tensors_sha256"] = _sha256(tensor_path)
-        (directory / JSON_NAME).write_text(json.dumps(header, indent=2, sort_keys=True))
+        text = json.dumps(header, indent=2, sort_keys=True)
+        replace_atomically(directory / JSON_NAME, lambda partial: partial.write_text(text))
         return directory
 
     @classmethod

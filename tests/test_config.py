@@ -119,8 +119,11 @@ def test_the_string_none_is_not_read_as_none_and_the_error_says_what_to_write() 
         SpinalConfig(drift_every="none")  # type: ignore[arg-type]
 
 
-def test_a_str_field_rejects_a_number() -> None:
-    with pytest.raises(TypeError, match=r"SpinalConfig\.transport must be a string, got 3"):
+def test_a_choice_field_rejects_a_number_listing_its_choices() -> None:
+    choices = r"\['hellinger', 'fisher_rao', 'js'\]"
+    with pytest.raises(
+        TypeError, match=rf"SpinalConfig\.transport must be one of {choices}, got 3"
+    ):
         SpinalConfig(transport=3)  # type: ignore[arg-type]
 
 

@@ -109,7 +109,7 @@ def test_a_reference_without_language_mutes_the_perplexity_rule() -> None:
 
 
 def test_a_muted_neutral_probe_is_explained_once_at_setup() -> None:
-    from spinal_callback.runner import muted_neutral_rules_note
+    from spinal_callback.training.baseline import muted_neutral_rules_note
 
     note = muted_neutral_rules_note(trace(0, nll=0.9 * math.log(VOCAB)))
     assert note is not None and "language_drift and trace_departure are off" in note

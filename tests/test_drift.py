@@ -27,8 +27,8 @@ from spinal_callback.drift import (
 )
 from spinal_callback.outputs import Outputs
 from spinal_callback.probe import ProbeBatch
-from spinal_callback.runner import Runner
 from spinal_callback.tensorboard import TraceBoard, custom_scalar_layout
+from spinal_callback.training.runner import Runner
 
 DRIFT_TAGS = [f"spinal/drift/L{block:02d}" for block in range(4)]
 

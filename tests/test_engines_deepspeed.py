@@ -259,10 +259,42 @@ def test_a_zero3_probe_leaves_the_module_order_trace_for_training_to_record(
     assert offload.coordinator.invalidations == 1
 
 
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """What a no-op must leave alone, comparable with ``==``: each module's class, mode, hooks
+    and attribute names, and each parameter's and buffer's identity, dtype and shape (their
+    values are compared apart)."""
+    return {
+        name: (
+            type(module),
+            module.training,
+            list(module._forward_pre_hooks.items()),
+            list(module._forward_hooks.items()),
+            sorted(vars(module)),
+            [(n, id(t), t.dtype, t.shape) for n, t in module.named_parameters(recurse=False)],
+            [(n, id(t), t.dtype, t.shape) for n, t in module.named_buffers(recurse=False)],
+        )
+        for name, module in model.named_modules()
+    }
+
+
 def test_forgetting_the_trace_of_a_model_without_zero3_hooks_does_nothing(
     llama: nn.Module,
 ) -> None:
+    # A hook of the user's own, over an object with a trace to invalidate but no
+    # `get_param_coordinator`: not DeepSpeed's, so not to be touched.
+    lookalike = FakeCoordinator()
+    llama.get_submodule("model.layers.0").register_forward_pre_hook(
+        lambda module, args: lookalike.is_invalid_trace()
+    )
+    before = model_state(llama)
+    values = {name: tensor.clone() for name, tensor in llama.state_dict().items()}
     forget_zero3_trace(llama)
+    assert model_state(llama) == before
+    after = llama.state_dict()
+    assert after.keys() == values.keys()
+    for name, tensor in values.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=name)
+    assert (lookalike.invalid, lookalike.invalidations) == (False, 0)
 
 
 def test_a_zero3_probe_calls_the_peft_model_the_engine_wraps(llama: nn.Module) -> None:

@@ -42,9 +42,9 @@ from test_distributed import (
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.outputs import Outputs
-from spinal_callback.runner import Runner
 from spinal_callback.sharding import attach_root, root_parameters_whole, sharding_root
 from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
+from spinal_callback.training.runner import Runner
 
 LAUNCH_TIMEOUT_S = 240
 TOLERANCE = 1e-5
@@ -67,6 +67,44 @@ def test_attach_root_ignores_a_root_that_shards_nothing() -> None:
     assert "_spinal_sharding_root" not in model.__dict__
 
 
+def trace_record(contraction: list[float], neutral_nll: float | None = None) -> dict[str, Any]:
+    """A trace record as the launch scripts write it, with ``contraction`` as its numbers."""
+    return {
+        "contraction": contraction,
+        "transport": [],
+        "summary": {},
+        "neutral_nll": neutral_nll,
+    }
+
+
+def test_max_difference_is_the_largest_gap_between_finite_values_with_nan_where_both_are() -> None:
+    nan = float("nan")
+    trace = trace_record([1.0, nan, 3.0], neutral_nll=2.0)
+    other = trace_record([1.5, nan, 2.0], neutral_nll=2.25)
+    assert max_difference(trace, other) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("contraction", "other"),
+    [
+        ([float("nan"), 1.0], [0.0, 1.0]),
+        ([0.0, 1.0], [0.0, float("nan")]),
+        ([float("inf"), 1.0], [float("-inf"), 1.0]),
+    ],
+)
+def test_max_difference_fails_when_the_traces_disagree_on_non_finite_values(
+    contraction: list[float], other: list[float]
+) -> None:
+    with pytest.raises(pytest.fail.Exception, match="disagree on non-finite values"):
+        max_difference(trace_record(contraction), trace_record(other))
+
+
+def test_max_difference_fails_when_no_value_is_finite_on_both_sides() -> None:
+    nan = float("nan")
+    with pytest.raises(pytest.fail.Exception, match="no finite value"):
+        max_difference(trace_record([nan, nan]), trace_record([nan, nan]))
+
+
 class OtherRanks:
     """``reduce_any`` as seen from one rank: ``answers`` are the other ranks' flags, one per
     call, in order (none left: the other ranks say no)."""
@@ -85,7 +123,7 @@ def sharded_runner(
     tokenizer: Any, llama: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> tuple[Runner, OtherRanks]:
     """A runner whose model counts as sharded, probing every 2 steps, never stopping."""
-    monkeypatch.setattr("spinal_callback.runner.sharding_root", lambda model: model)
+    monkeypatch.setattr("spinal_callback.training.guarded_probe.sharding_root", lambda model: model)
     others = OtherRanks()
     runner = Runner(SpinalConfig(every_n_steps=2, stop_on=None), list(DEFAULT_PROBE_TEXTS))
     runner.setup(llama, tokenizer)
@@ -265,8 +303,22 @@ def values(trace: dict[str, Any]) -> list[float]:
 
 
 def max_difference(trace: dict[str, Any], other: dict[str, Any]) -> float:
-    pairs = zip(values(trace), values(other), strict=True)
-    return max((abs(a - b) for a, b in pairs if not (math.isnan(a) and math.isnan(b))), default=0.0)
+    """The largest absolute difference between the two traces' finite numbers. Fails the test
+    when the traces disagree on which numbers are not finite (NaN, or an infinity of the same
+    sign, on both sides is agreement) or share no finite number to compare."""
+    pairs = list(zip(values(trace), values(other), strict=True))
+    finite = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    disagree = [
+        (index, a, b)
+        for index, (a, b) in enumerate(pairs)
+        if not (math.isfinite(a) and math.isfinite(b))
+        and not (a == b or (math.isnan(a) and math.isnan(b)))
+    ]
+    if disagree:
+        pytest.fail(f"the traces disagree on non-finite values, (index, value, other): {disagree}")
+    if not finite:
+        pytest.fail(f"the traces share no finite value to compare: {pairs}")
+    return max(abs(a - b) for a, b in finite)
 
 
 @pytestmark_distributed

@@ -343,19 +343,31 @@ def test_resume_restores_the_state_onto_the_users_live_callback(
     make_dpo_trainer: Callable[..., Any], tmp_path: Path, make_model: Callable[..., PreTrainedModel]
 ) -> None:
     output = tmp_path / "restored"
-    make_dpo_trainer(SpinalTrainerCallback(every_n_steps=4), output_dir=output).train()
+    first = SpinalTrainerCallback(every_n_steps=4, stop_on=None)
+    make_dpo_trainer(first, output_dir=output).train()
     alerts: list[Any] = []
-    live = SpinalTrainerCallback(every_n_steps=4, on_alert=alerts.append)
+    live = SpinalTrainerCallback(every_n_steps=4, stop_on=None, on_alert=alerts.append)
     trainer = make_dpo_trainer(
         live,
         output_dir=output,
         model=make_model("llama", layers=4),
         restore_callback_states_from_checkpoint=True,
+        extra_callbacks=[PoisonWeightsAt(7)],
     )
     trainer.train(resume_from_checkpoint=str(output / "checkpoint-6"))
     assert live in trainer.callback_handler.callbacks
-    assert live.runner.on_alert is not None
+    # The baseline and the traces before the checkpoint are the first run's, on this object:
+    # probed again at the resume (from step-6 weights) they would differ.
+    assert first.runner.reference is not None and live.runner.reference is not None
+    torch.testing.assert_close(
+        live.runner.reference.contraction, first.runner.reference.contraction
+    )
     assert [trace.step for trace in live.traces] == [0, 4, 8, 12]
+    for restored, saved in zip(live.traces[:2], first.traces[:2]):
+        torch.testing.assert_close(restored.contraction, saved.contraction)
+    # The weights poisoned after the resume raise alerts that reach the user's own hook.
+    assert alerts and {alert.rule for alert in alerts} == {"non_finite"}
+    assert min(alert.step for alert in alerts) == 8
 
 
 def test_the_checkpointed_state_stays_small_however_many_probes(

@@ -8,6 +8,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from spinal_callback.model_access import (
+    HIDDEN_SIZE_NAMES,
     ModelAccessError,
     check_reference_model,
+    hidden_size,
     resolve_model_parts,
     unwrap_model,
 )
@@ -275,3 +278,44 @@ def test_models_without_a_config_are_compared_by_decoder_block_class() -> None:
         ValueError, match="decoder block class is Identity but the policy's is Linear"
     ):
         check_reference_model(UnknownLM(), reference, head_path="unembed", **paths)
+
+
+UNKNOWN_PATHS = {"blocks_path": "trunk.stages", "final_norm_path": "trunk.last_norm"}
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
+def test_hidden_size_is_the_width_of_every_tiny_architecture(
+    architecture: str, make_model: Callable[..., PreTrainedModel]
+) -> None:
+    assert hidden_size(resolve_model_parts(make_model(architecture, hidden=48))) == 48
+
+
+def test_hidden_size_looks_through_wrappers(llama: PreTrainedModel) -> None:
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert hidden_size(resolve_model_parts(torch.compile(wrapped))) == llama.config.hidden_size
+
+
+@pytest.mark.parametrize("name", HIDDEN_SIZE_NAMES)
+def test_hidden_size_reads_any_of_the_configs_width_names(name: str) -> None:
+    model = UnknownLM()
+    model.config = SimpleNamespace(**{name: 24})  # a config word beats the head's input width
+    assert hidden_size(resolve_model_parts(model, head_path="unembed", **UNKNOWN_PATHS)) == 24
+
+
+def test_hidden_size_of_a_multimodal_model_is_its_text_configs() -> None:
+    model = UnknownLM()
+    text = SimpleNamespace(hidden_size=24)
+    model.config = SimpleNamespace(hidden_size=99, get_text_config=lambda: text)
+    assert hidden_size(resolve_model_parts(model, head_path="unembed", **UNKNOWN_PATHS)) == 24
+
+
+def test_without_a_config_the_hidden_size_is_the_heads_input_width() -> None:
+    parts = resolve_model_parts(UnknownLM(), head_path="unembed", **UNKNOWN_PATHS)
+    assert hidden_size(parts) == 8
+
+
+def test_the_hidden_size_is_unknown_without_a_config_or_a_linear_head() -> None:
+    model = UnknownLM()
+    model.unembed = nn.Sequential(nn.Linear(8, 20))
+    assert hidden_size(resolve_model_parts(model, head_path="unembed", **UNKNOWN_PATHS)) is None

@@ -25,12 +25,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import RESUMED, EventLog
-from spinal_callback.integrations.common import GoodCheckpoint, rotate_good_checkpoint
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.outputs import Outputs
 from spinal_callback.ownership import RunConflictError
-from spinal_callback.runner import Runner
 from spinal_callback.tensorboard import TraceBoard
+from spinal_callback.training.good_checkpoint import GoodCheckpoint, rotate_good_checkpoint
+from spinal_callback.training.runner import Runner
 from tests.test_integration_transformers import PoisonWeightsAt
 from tests.test_runner import FakeTrainer
 
@@ -272,7 +272,7 @@ def test_following_the_stop_advice_keeps_the_stop_on_record(
     make_dpo_trainer(stopped, output_dir=output, extra_callbacks=[PoisonWeightsAt(7)]).train()
     log_dir = output / "runs" / "spinal"
     assert (8, "training_stopped") in rules_in(log_dir / "spinal_events.jsonl")
-    assert "Resume from" in stopped.runner._resume_advice()
+    assert "Resume from" in stopped.runner.resume_advice()
     before = EventLog(log_dir / "spinal_events.jsonl").read()
 
     time.sleep(1.1)  # a real resume is a later process: its event file sorts after

@@ -3,6 +3,7 @@ tool, faults of the sinks, bounded state and resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -16,10 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
 from spinal_callback.events import Alert, EventLog
-from spinal_callback.integrations.common import GoodCheckpoint
 from spinal_callback.outputs import Outputs
 from spinal_callback.probe import SpinalProbe
-from spinal_callback.runner import Decision, Runner, is_out_of_memory
+from spinal_callback.training.good_checkpoint import GoodCheckpoint
+from spinal_callback.training.guarded_probe import is_out_of_memory
+from spinal_callback.training.runner import Decision, Runner
 
 
 class FakeTrainer:
@@ -225,6 +227,34 @@ def test_an_out_of_memory_probe_is_retried_with_half_the_batch_and_the_baseline_
     assert runner.reference is not None
     assert runner.reference.probe_fingerprint == runner.traces[-1].probe_fingerprint
     assert "the probe changed at step 4" in caplog.text
+
+
+@pytest.mark.fault
+def test_after_an_out_of_memory_retry_the_policy_and_its_reference_measure_the_same_tokens(
+    llama: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probe_texts: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reference = copy.deepcopy(llama)
+    with torch.no_grad():  # a reference whose lens would settle on another token count alone
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    runner = Runner(SpinalConfig(every_n_steps=2, transport_tolerance=0.05), probe_texts)
+    runner.setup(llama, tokenizer, reference_model=reference)
+    FakeTrainer(runner, llama, tmp_path).fit(max_steps=2)
+    fail_probe(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
+    runner.step(4)
+    assert runner.probe is not None and runner.reference_probe is not None
+    assert runner.reference_probe.lens_tokens is runner.probe.lens_tokens
+    assert runner.reference is not None and runner.reference.step == 4
+    policy, baseline = runner.traces[-1], runner.reference
+    assert baseline.metadata["transport_tokens"] == policy.metadata["transport_tokens"]
+    assert baseline.neutral is not None and policy.neutral is not None
+    assert (
+        baseline.neutral.metadata["transport_tokens"] == policy.neutral.metadata["transport_tokens"]
+    )
 
 
 def test_a_probe_bug_is_not_retried_and_switches_probing_off(
@@ -490,10 +520,11 @@ def test_a_resume_from_a_reference_probed_without_the_models_logit_scale_restart
     first = make_runner(cohere)
     FakeTrainer(first, cohere, tmp_path).fit(max_steps=4)
     state = json.loads(json.dumps(first.state_dict()))
-    assert state["reference"]["metadata"]["logit_scale"] == pytest.approx(0.0625)
+    assert state["baseline"]["reference"]["metadata"]["logit_scale"] == pytest.approx(0.0625)
     unchanged = make_runner(cohere)
     unchanged.load_state_dict(state)
-    del state["reference"]["metadata"]["logit_scale"]  # saved before the lens was checked
+    # As saved before the lens was checked:
+    del state["baseline"]["reference"]["metadata"]["logit_scale"]
     resumed = make_runner(cohere)
     resumed.load_state_dict(state)
     with caplog.at_level(logging.WARNING, logger="spinal_callback"):

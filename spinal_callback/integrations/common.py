@@ -1,11 +1,13 @@
-"""What both adapters share: how their keyword arguments become a ``SpinalConfig``, which
-event-log file each rank writes, and the rotation of the one good checkpoint."""
+"""What both adapters share, written once: their options (a typed signature that LightningCLI
+and jsonargparse read through each adapter's ``**options``), how the options become a
+``SpinalConfig``, the event-log file of each rank, the good checkpoint, and a new ``Runner``
+for every training run."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -13,14 +15,119 @@ from typing import Any
 from torch import nn
 
 from spinal_callback import distributed
-from spinal_callback.config import SpinalConfig
-from spinal_callback.events import EventLog
-from spinal_callback.ownership import is_inside, mark_owned, mark_path, owner_of
-from spinal_callback.runner import Runner
+from spinal_callback.config import SpinalConfig, StopLevel
+from spinal_callback.events import Alert, EventLog
+from spinal_callback.outputs import AlertHook, Outputs
+from spinal_callback.trace import DepthTrace
+from spinal_callback.training.good_checkpoint import (
+    GoodCheckpoint,
+    check_keep_good_checkpoint,
+    rotate_good_checkpoint,
+)
+from spinal_callback.training.runner import Runner
 
 logger = logging.getLogger("spinal_callback")
 
 _DEFAULTS = {field.name: field.default for field in fields(SpinalConfig)}
+
+
+class SpinalOptions:
+    """The options both callbacks take, and what both do with them.
+
+    Args:
+        config: a ``SpinalConfig`` (a dict of its fields also works); the keywords below apply
+            on top.
+        probe_texts: probe texts; ``None`` takes the ``prompt`` column of the train dataset.
+        neutral_texts: neutral text the run does not train on, probed in the same forward
+            (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
+        on_alert: called with each ``Alert``; an exception it raises is logged, not propagated.
+        log_dir: where TensorBoard and the event log go (``None``: the framework's run folder,
+            see each callback).
+        every_n_steps, stop_on, late_layers, event_log, drift_every: the ``SpinalConfig``
+            fields users set most; a value equal to the field's default leaves ``config`` as is.
+        keep_good_checkpoint: a new path that always holds a checkpoint from a probe that a
+            later quiet probe vouched for, while no rank has warned; at most two copies on disk
+            (``GoodCheckpoint``). ``None``: off.
+        **config_overrides: any other ``SpinalConfig`` field.
+
+    Bad configuration raises here, or at train begin, before the first step.
+    """
+
+    def __init__(
+        self,
+        config: SpinalConfig | None = None,
+        probe_texts: Sequence[str] | None = None,
+        neutral_texts: Sequence[str] | None = None,
+        on_alert: AlertHook | None = None,
+        log_dir: str | None = None,
+        every_n_steps: int = SpinalConfig.every_n_steps,
+        stop_on: StopLevel | None = SpinalConfig.stop_on,
+        late_layers: list[int] | None = SpinalConfig.late_layers,
+        event_log: str | None = SpinalConfig.event_log,
+        drift_every: int | None = SpinalConfig.drift_every,
+        keep_good_checkpoint: str | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        explicit = {
+            "every_n_steps": every_n_steps,
+            "stop_on": stop_on,
+            "late_layers": late_layers,
+            "event_log": event_log,
+            "drift_every": drift_every,
+        }
+        self.config = resolve_config(config, explicit, config_overrides)
+        self.log_dir = log_dir
+        check_keep_good_checkpoint(keep_good_checkpoint)
+        self.keep_good_checkpoint = keep_good_checkpoint
+        self._new_runner = functools.partial(
+            Runner,
+            self.config,
+            probe_texts,
+            neutral_texts,
+            on_alert,
+            keep_good_checkpoint=keep_good_checkpoint is not None,
+        )
+        self.runner = self._new_runner()
+        self._good: GoodCheckpoint | None = None
+
+    @property
+    def traces(self) -> list[DepthTrace]:
+        """The ``DepthTrace``s of the current probe (restored ones included after a resume)."""
+        return self.runner.traces
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """The ``Alert``s raised in this process."""
+        return self.runner.alerts
+
+    def _start_run(self, writes_into: Sequence[str | os.PathLike[str] | None]) -> bool:
+        """A training run begins: a new ``Runner`` if this one already had a run; refuse a
+        good-checkpoint path that is (or holds) a folder the run writes into. Returns whether
+        the runner is new."""
+        fresh = self.runner.begun
+        if fresh:
+            self.runner = fresh_runner(self.runner, self._new_runner)
+            self._good = None
+        check_keep_good_checkpoint(
+            self.keep_good_checkpoint, [*writes_into, self.log_dir, self.config.event_log]
+        )
+        return fresh
+
+    def _outputs(self, board: Any, log_dir: str, owns_board: bool) -> Outputs:
+        """The sinks of this rank: ``board`` (rank zero) and this rank's event log."""
+        return Outputs(board, rank_event_log(self.config, log_dir), owns_board=owns_board)
+
+    def _rotate_good(self, step: int, save: Callable[[str], None], is_main: bool) -> None:
+        """Rotate the good checkpoint (``GoodCheckpoint``) with the framework's ``save``."""
+        if self.keep_good_checkpoint is None:
+            return
+        if self._good is None:
+            self._good = GoodCheckpoint(
+                self.keep_good_checkpoint, save, is_main, self.runner.run_id
+            )
+        promoted = rotate_good_checkpoint(self._good, step)
+        if promoted is not None:
+            self.runner.saved(promoted, self.keep_good_checkpoint)
 
 
 def resolve_config(
@@ -58,157 +165,6 @@ def rank_event_log(config: SpinalConfig, log_dir: str) -> EventLog:
         return EventLog(main_log)
     root, _ = os.path.splitext(main_log)
     return EventLog(f"{root}.rank{rank}.jsonl")
-
-
-class GoodCheckpoint:
-    """One checkpoint from before the trouble, at most two on disk, in paths this run created.
-
-    A quiet probe cannot vouch for its own step: the logs of that same step, scored after it, may
-    raise the first warning. So each quiet probe writes a *candidate* and promotes the previous
-    candidate, which a later quiet probe has now vouched for, to ``path``.
-
-    Only paths this run created are ever replaced or removed: each carries a sidecar mark naming
-    the run (``ownership.mark_owned``). A ``path`` (or its ``.candidate``) that exists without
-    this run's mark is the user's, and is refused here, before training.
-
-    Args:
-        path: where the good checkpoint lives (a file or a directory, as ``save`` writes it).
-        save: writes a checkpoint to the path it is given (a path that does not exist).
-        is_main: this process renames the files (the main process when only it writes).
-        run_id: the run's identity (``Runner.run_id``).
-
-    Raises:
-        ValueError: ``path`` or its candidate exists and was not created by this run.
-    """
-
-    def __init__(
-        self, path: str, save: Callable[[str], None], is_main: bool = True, run_id: str = ""
-    ) -> None:
-        self.path = os.fspath(path)
-        self.candidate = self.path + ".candidate"
-        self.save = save
-        self.is_main = is_main
-        self.run_id = run_id
-        self.candidate_step: int | None = None
-        self.refused: str | None = None
-        """Why rotation stopped (a path of the user's appeared in the way), or ``None``."""
-        for target in (self.path, self.candidate, self.path + ".old"):
-            check_good_checkpoint_path(target, run_id)
-
-    def rotate(self, step: int) -> int | None:
-        """Promote the previous candidate to ``path`` and save a new candidate at ``step``;
-        returns the promoted candidate's step (``None`` at the first call).
-
-        Raises:
-            OSError: from writing or renaming (the caller logs it; training goes on).
-            ValueError: a path of the user's appeared where the good checkpoint goes (nothing is
-                removed).
-        """
-        promoted = None
-        if self.candidate_step is not None and self.is_main:
-            self._swap_candidate_in()
-            promoted = self.candidate_step
-        elif self.candidate_step is not None:
-            promoted = self.candidate_step
-        self.candidate_step = None
-        if self.is_main:
-            self._remove(self.candidate)
-            mark_owned(self.candidate, self.run_id)
-        self.save(self.candidate)
-        self.candidate_step = step
-        return promoted
-
-    def _swap_candidate_in(self) -> None:
-        """Rename the candidate over ``path``, never leaving neither: the old one goes aside
-        first, and is removed only once the new one is in place."""
-        old = self.path + ".old"
-        self._remove(old)
-        if os.path.lexists(self.path):
-            check_good_checkpoint_path(self.path, self.run_id)
-            mark_owned(old, self.run_id)
-            os.replace(self.path, old)
-        mark_owned(self.path, self.run_id)
-        os.replace(self.candidate, self.path)
-        self._remove(old)
-
-    def _remove(self, path: str) -> None:
-        """Remove ``path`` (and its mark) if it exists and this run created it."""
-        if os.path.lexists(path):
-            check_good_checkpoint_path(path, self.run_id)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        mark_path(path).unlink(missing_ok=True)
-
-
-def check_good_checkpoint_path(path: str | os.PathLike[str], run_id: str) -> None:
-    """Refuse a good-checkpoint path that exists and was not created by run ``run_id``.
-
-    Raises:
-        ValueError: it exists and has no mark of this run (a folder or file of the user's, or
-            the good checkpoint of another run).
-    """
-    if not os.path.lexists(path):
-        return
-    owner = owner_of(path)
-    if owner == run_id:
-        return
-    whose = "another run's good checkpoint" if owner else "not created by spinal-callback"
-    raise ValueError(
-        f"keep_good_checkpoint: {os.fspath(path)} already exists and is {whose}; the good "
-        "checkpoint replaces and removes its path, so it must name a new path of its own, "
-        "e.g. keep_good_checkpoint='<output_dir>/spinal-good' (delete or move the existing one "
-        "if it is yours to lose)"
-    )
-
-
-def check_keep_good_checkpoint(
-    value: object, protected: Sequence[str | os.PathLike[str] | None] = ()
-) -> None:
-    """Refuse a ``keep_good_checkpoint`` argument that is not a path, or that is (or holds) a
-    folder the run writes into (``protected``: the output dir, the log dir, the event log).
-
-    Raises:
-        TypeError: not a ``str`` or ``os.PathLike``.
-        ValueError: it names a protected folder or one of its ancestors.
-    """
-    if value is None:
-        return
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise TypeError(
-            f"keep_good_checkpoint must be a path (str or os.PathLike) or None, got "
-            f"{value!r}; e.g. keep_good_checkpoint='out/spinal-good'"
-        )
-    for folder in protected:
-        if folder is not None and is_inside(folder, value):
-            raise ValueError(
-                f"keep_good_checkpoint={os.fspath(value)!r} is (or contains) {os.fspath(folder)}, "
-                "which this run writes into; rotating the good checkpoint would remove it. Name "
-                "a path of its own, e.g. keep_good_checkpoint='<output_dir>/spinal-good'"
-            )
-    if os.path.lexists(value) and owner_of(value) is None:
-        check_good_checkpoint_path(value, "")
-
-
-def rotate_good_checkpoint(good: GoodCheckpoint, step: int) -> int | None:
-    """``good.rotate(step)``, with its failures logged instead of raised: a disk error costs
-    this rotation; a path of the user's in the way ends rotation for the run (nothing of it is
-    removed). Returns the promoted step, if any."""
-    if good.refused is not None:
-        return None
-    try:
-        return good.rotate(step)
-    except OSError as error:
-        logger.error(
-            "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",
-            good.path,
-            error,
-        )
-    except ValueError as error:
-        good.refused = str(error)
-        logger.error("spinal-callback: %s. No more good checkpoints are kept this run", error)
-    return None
 
 
 def check_reference_argument(reference: object) -> None:

@@ -14,59 +14,40 @@ Where the scalars go: ``TraceBoard`` charts the whole trace in the ``TensorBoard
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.integrations.common import (
-    GoodCheckpoint,
-    check_keep_good_checkpoint,
-    fresh_runner,
-    rank_event_log,
-    resolve_config,
-    rotate_good_checkpoint,
-)
-from spinal_callback.outputs import AlertHook, Outputs
-from spinal_callback.runner import Decision, Runner
+from spinal_callback.detector import scalar_logs
+from spinal_callback.integrations.common import SpinalOptions
 from spinal_callback.sharding import attach_root
 from spinal_callback.tensorboard import TraceBoard
+from spinal_callback.training.stop_ledger import Decision
 
-_log = logging.getLogger("spinal_callback")
 REFERENCE_ATTRIBUTES = ("ref_model", "reference", "reference_model")
 
 
-class SpinalCallback(pl.Callback):
+class SpinalCallback(SpinalOptions, pl.Callback):
     """Probe late-layer depth traces during Lightning training; alert, and stop on ``stop_on``.
 
-    Every argument is a plain type, so ``LightningCLI`` builds the callback from YAML or from
-    ``--trainer.callbacks.every_n_steps=50``.
+    Every argument is typed, so ``LightningCLI`` builds the callback from YAML or from
+    ``--trainer.callbacks.every_n_steps=50`` (and ``config`` as a ``SpinalConfig``).
 
     Args:
-        config: a ``SpinalConfig`` or a dict of its fields; the keywords below apply on top.
-        probe_texts: probe texts; ``None`` takes the ``prompt`` field of the datamodule's (or the
-            module's) ``train_dataset``.
+        config: a ``SpinalConfig``; the options below apply on top.
         tokenizer: a tokenizer, or a local directory to load one from; ``None`` uses
             ``pl_module.tokenizer``.
         model_attr: attribute of the ``LightningModule`` holding the policy causal LM.
-        log_dir: directory for our own writer when the trainer has no ``TensorBoardLogger``;
-            ``None`` is ``<default_root_dir>/spinal``.
-        on_alert: called with each ``Alert``; an exception it raises is logged, not propagated.
-        neutral_texts: neutral text the run does not train on, probed in the same forward
-            (``None``: ``texts.DEFAULT_NEUTRAL_TEXTS``, plain English).
-        every_n_steps, stop_on, late_layers, event_log, drift_every: the ``SpinalConfig``
-            fields users set most; a value equal to the field's default leaves ``config`` as is.
-        keep_good_checkpoint: a ``.ckpt`` path that always holds a full checkpoint from a probe
-            that a later quiet probe vouched for, while no rank has warned; at most two on disk
-            (``GoodCheckpoint``), whatever the ``ModelCheckpoint`` settings. ``None``: off.
-        **config_overrides: any other ``SpinalConfig`` field.
+        **options: ``SpinalOptions``: ``probe_texts`` (``None``: the ``prompt`` field of the
+            datamodule's or the module's ``train_dataset``), ``neutral_texts``, ``on_alert``,
+            ``log_dir`` (our own writer's directory when the trainer has no
+            ``TensorBoardLogger``; ``None``: ``<default_root_dir>/spinal``), ``every_n_steps``,
+            ``stop_on``, ``late_layers``, ``event_log``, ``drift_every``,
+            ``keep_good_checkpoint`` (a ``.ckpt`` path) and any other ``SpinalConfig`` field.
 
     TensorBoard gets every probe from the ``TraceBoard``; the trainer's other loggers get the
     summaries of each probe through ``log_metrics`` at the probe's step. ``TensorBoardLogger``s
@@ -79,70 +60,26 @@ class SpinalCallback(pl.Callback):
 
     def __init__(
         self,
-        config: SpinalConfig | dict[str, Any] | None = None,
-        probe_texts: Sequence[str] | None = None,
+        config: SpinalConfig | None = None,
         tokenizer: Any = None,
         model_attr: str = "model",
-        log_dir: str | None = None,
-        on_alert: AlertHook | None = None,
-        neutral_texts: Sequence[str] | None = None,
-        every_n_steps: int = SpinalConfig.every_n_steps,
-        stop_on: str | None = SpinalConfig.stop_on,
-        late_layers: list[int] | None = SpinalConfig.late_layers,
-        event_log: str | None = SpinalConfig.event_log,
-        drift_every: int | None = SpinalConfig.drift_every,
-        keep_good_checkpoint: str | None = None,
-        **config_overrides: Any,
+        **options: Any,
     ) -> None:
-        explicit = {
-            "every_n_steps": every_n_steps,
-            "stop_on": stop_on,
-            "late_layers": late_layers,
-            "event_log": event_log,
-            "drift_every": drift_every,
-        }
-        self.config = resolve_config(config, explicit, config_overrides)
+        super().__init__(config=config, **options)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
-        self.log_dir = log_dir
-        check_keep_good_checkpoint(keep_good_checkpoint)
-        self.keep_good_checkpoint = keep_good_checkpoint
-        self._new_runner = functools.partial(
-            Runner,
-            self.config,
-            probe_texts,
-            neutral_texts,
-            on_alert,
-            keep_good_checkpoint=keep_good_checkpoint is not None,
-        )
-        self.runner = self._new_runner()
         self._last_logs_step = -1
         self._metrics_seen: dict[str, float] = {}
         self._checkpoints_seen: set[str] = set()
-        self._good: GoodCheckpoint | None = None
         self._saving_step: int | None = None
-
-    @property
-    def traces(self) -> list[Any]:
-        """The ``DepthTrace``s of the current probe (restored ones included after a resume)."""
-        return self.runner.traces
-
-    @property
-    def alerts(self) -> list[Any]:
-        """The ``Alert``s raised in this process."""
-        return self.runner.alerts
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if self.runner.begun:
-            self.runner = fresh_runner(self.runner, self._new_runner)
+        loggers = [x.log_dir for x in trainer.loggers if isinstance(x, TensorBoardLogger)]
+        if self._start_run([trainer.default_root_dir, self._own_log_dir(trainer), *loggers]):
             self._last_logs_step, self._metrics_seen = -1, {}
-            self._checkpoints_seen, self._good, self._saving_step = set(), None, None
-        check_keep_good_checkpoint(
-            self.keep_good_checkpoint,
-            [trainer.default_root_dir, self._own_log_dir(trainer), self.config.event_log],
-        )
+            self._checkpoints_seen, self._saving_step = set(), None
         reference = next(
             (
                 getattr(pl_module, a)
@@ -163,7 +100,7 @@ class SpinalCallback(pl.Callback):
         board, log_dir, owned = None, self._own_log_dir(trainer), False
         if trainer.is_global_zero:
             board, log_dir, owned = self._board(trainer)
-        outputs = Outputs(board, rank_event_log(self.config, log_dir), owns_board=owned)
+        outputs = self._outputs(board, log_dir, owned)
         step = trainer.global_step
         decision = self.runner.begin(step, outputs, log_dir, _strategy_reduce_any(trainer))
         self._forward_scalars(trainer, step)
@@ -203,17 +140,8 @@ class SpinalCallback(pl.Callback):
     def _act(self, decision: Decision, trainer: pl.Trainer, step: int) -> None:
         """On a stop: save ``spinal-stop-step=<step>.ckpt`` (every rank: a collective), stop.
         On ``save_good``: overwrite the good checkpoint."""
-        if decision.save_good and self.keep_good_checkpoint is not None:
-            if self._good is None:
-                self._good = GoodCheckpoint(
-                    self.keep_good_checkpoint,
-                    trainer.save_checkpoint,
-                    trainer.is_global_zero,
-                    self.runner.run_id,
-                )
-            promoted = rotate_good_checkpoint(self._good, step)
-            if promoted is not None:
-                self.runner.saved(promoted, self.keep_good_checkpoint)
+        if decision.save_good:
+            self._rotate_good(step, trainer.save_checkpoint, trainer.is_global_zero)
         if decision.stop and not trainer.should_stop:
             path = os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
             trainer.save_checkpoint(path)
@@ -251,7 +179,7 @@ class SpinalCallback(pl.Callback):
     def _fresh_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         """The logged scalars that changed since the last read: a metric logged once per epoch
         stays in ``callback_metrics`` unchanged and must not count as a new value each time."""
-        scalars = _scalars(trainer.callback_metrics)
+        scalars = scalar_logs(trainer.callback_metrics)
         fresh = {key: v for key, v in scalars.items() if self._metrics_seen.get(key) != v}
         self._metrics_seen = scalars
         return fresh
@@ -315,17 +243,6 @@ def _log_cadence(trainer: pl.Trainer, config: SpinalConfig) -> int:
     probe cadence where logging is off."""
     every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
     return every if every > 0 else config.every_n_steps
-
-
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The one-element tensors and numbers among Lightning's ``callback_metrics``."""
-    scalars = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            scalars[key] = float(value.detach().float().cpu())
-        elif isinstance(value, (int, float)):
-            scalars[key] = float(value)
-    return scalars
 
 
 def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
