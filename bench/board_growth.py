@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.tensorboard import TraceBoard
-from spinal_callback.trace import DepthTrace
+from spinal_callback.outputs.tensorboard import TraceBoard
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe.trace import DepthTrace
 
 
 def synthetic_trace(step: int, layers: int, generator: torch.Generator) -> DepthTrace:

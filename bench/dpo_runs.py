@@ -31,16 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spinal_callback.detector import RampMonitor
-from spinal_callback.pairs import collate_pairs, reply_logp_shifts
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     TASKS,
     TOKENIZER_VOCAB_SIZE,
     neutral_sentences,
     tokenizer_corpus,
 )
-from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.probe.texts import DEFAULT_NEUTRAL_TEXTS
+from spinal_callback.tools.pairs import collate_pairs, reply_logp_shifts
 
 RESULTS = Path("bench/results/early_warning")
 EVAL_PAIRS = 64
@@ -218,7 +218,7 @@ def pretrain(model: nn.Module, tokenizer: Any, seed: int, steps: int = 600) -> n
 def base_model(subject: Subject, tokenizer: Any, seed: int) -> nn.Module:
     """The run's starting point (its reference): cached pretrained tiny base, or a checkpoint."""
     if subject.is_checkpoint:
-        from spinal_callback.loading import load_local_model
+        from spinal_callback.probe.loading import load_local_model
 
         assert subject.path is not None
         return load_local_model(subject.path)
@@ -417,7 +417,7 @@ def spec_dict(spec: RunSpec) -> dict[str, Any]:
 
 
 def real_tokenizer(subject: Subject) -> Any:
-    from spinal_callback.loading import load_local_tokenizer
+    from spinal_callback.probe.loading import load_local_tokenizer
 
     assert subject.path is not None
     return load_local_tokenizer(subject.path)

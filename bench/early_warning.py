@@ -46,8 +46,8 @@ from typing import Any
 
 from bench.dpo_runs import CONDITIONS, RESULTS, RunRecord, RunSpec, Subject, prepare_base
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import RampMonitor
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.probe.trace import DepthTrace
 
 LEARNED = 0.7
 COLLAPSED = 0.6
@@ -475,7 +475,7 @@ def healthy_profile(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     task trace's contraction range and contraction slope (reference -> last probe), lens entropy
     of the last late block (reference -> last probe), and the largest neutral departure and
     neutral perplexity multiple seen."""
-    from spinal_callback.tensorboard import health_scalars
+    from spinal_callback.outputs.tensorboard import health_scalars
 
     by_subject: dict[str, list[RunRecord]] = {}
     for record in records:

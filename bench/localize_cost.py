@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from spinal_callback.localize import localize
-from spinal_callback.pairs import SIDES, collate_pairs
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     make_preference_pairs,
     tokenizer_corpus,
 )
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.tools.localize import localize
+from spinal_callback.tools.pairs import SIDES, collate_pairs
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Any, list]:

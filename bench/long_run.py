@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import EventLog
-from spinal_callback.outputs import Outputs
-from spinal_callback.tensorboard import TraceBoard
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.training.runner import Runner
 
 

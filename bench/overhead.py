@@ -31,9 +31,9 @@ import torch
 
 from bench.long_texts import long_pairs
 from spinal_callback.config import SpinalConfig
+from spinal_callback.demos.preference_data import make_preference_pairs, tokenizer_corpus
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer, llama_1b_config
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.preference_data import make_preference_pairs, tokenizer_corpus
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer, llama_1b_config
 
 
 class TimedSpinalCallback(SpinalTrainerCallback):
@@ -96,7 +96,7 @@ def build_models(
     preset: str, device: str, vocab_size: int, path: str | None = None
 ) -> torch.nn.Module:
     if path is not None:
-        from spinal_callback.loading import load_local_model
+        from spinal_callback.probe.loading import load_local_model
 
         return load_local_model(path).to(device)
     if preset == "tiny":
@@ -199,7 +199,7 @@ def main() -> None:
     if args.learning_rate is None:
         args.learning_rate = 3e-5 if args.model else 5e-4
     if args.model:
-        from spinal_callback.loading import load_local_tokenizer
+        from spinal_callback.probe.loading import load_local_tokenizer
 
         tokenizer = load_local_tokenizer(args.model)
         args.preset = Path(args.model).name

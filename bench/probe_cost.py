@@ -40,13 +40,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from bench.long_texts import long_texts
 from spinal_callback import ProbeBatch, SpinalConfig, SpinalProbe
-from spinal_callback.metrics import contraction_scores
-from spinal_callback.tiny import (
+from spinal_callback.demos.tiny import (
     DEFAULT_PROBE_TEXTS,
     build_tiny_model,
     build_tiny_tokenizer,
     llama_1b_config,
 )
+from spinal_callback.probe.metrics import contraction_scores
 
 TOKENS_PER_ROW = 48
 ROWS = 16
@@ -123,9 +123,9 @@ def checkpoint(path: str, texts: str, config: SpinalConfig) -> Setup:
     """A checkpoint directory probed with ``texts``: ``"recipe"`` (the recipe's 32 prompts of
     about 5 tokens) or ``"dev"``/``"test"`` (``long_texts``: 32 paragraphs of 60-200 tokens), and
     the default neutral texts."""
-    from spinal_callback.loading import load_local_model, load_local_tokenizer
-    from spinal_callback.preference_data import train_eval_split
-    from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
+    from spinal_callback.demos.preference_data import train_eval_split
+    from spinal_callback.probe.loading import load_local_model, load_local_tokenizer
+    from spinal_callback.probe.texts import DEFAULT_NEUTRAL_TEXTS
 
     tokenizer = load_local_tokenizer(path)
     model = load_local_model(path)

@@ -12,14 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spinal_callback.loading import checkpoint_directory, load_local_model, load_local_tokenizer
-from spinal_callback.pairs import load_pairs
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     tokenizer_corpus,
     train_eval_split,
 )
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.loading import (
+    checkpoint_directory,
+    load_local_model,
+    load_local_tokenizer,
+)
+from spinal_callback.tools.pairs import load_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from recipes.common import (
     spinal_metrics,
     training_arguments,
 )
-from spinal_callback.pairs import KEYS, SIDES, collate_pairs, response_logps
+from spinal_callback.tools.pairs import KEYS, SIDES, collate_pairs, response_logps
 
 
 def dpo_loss(policy: Tensor, reference: Tensor, beta: float) -> tuple[Tensor, Tensor]:

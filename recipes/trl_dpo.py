@@ -6,8 +6,8 @@
     python -m recipes.trl_dpo --model PATH --pairs my_pairs.jsonl   # your own preference data
     python -m recipes.trl_dpo --no-spinal            # the same run without the callback
 
-The synthetic task (``spinal_callback.preference_data``): the chosen reply repeats the prompt's
-last word. A random-initialised 4-block Llama learns it from DPO alone: train and held-out
+The synthetic task (``spinal_callback.demos.preference_data``): the chosen reply repeats the
+prompt's last word. A random-initialised 4-block Llama learns it from DPO alone: train and held-out
 ``rewards/accuracies`` pass 0.9 within 100 steps; the 300-step run takes about 15 s on one core.
 
 What it writes under OUTPUT_DIR: ``runs/`` (TensorBoard: TRL's scalars, and the callback's under

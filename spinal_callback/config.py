@@ -9,8 +9,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
-from spinal_callback.metrics import MIN_SPECTRUM_TOKENS, TAIL_HIGH, TAIL_LOW
-
+TAIL_LOW = 0.05
+TAIL_HIGH = 0.7
+"""The default tail band of a layer's activation spectrum, as fractions of its rank: the
+contraction is the decay exponent of the eigenvalues between them (``probe.metrics``)."""
+MIN_SPECTRUM_TOKENS = 16
+"""The fewest valid tokens a probe may have: the tail band needs a spectrum of some rank."""
 TransportMeasure = Literal["hellinger", "fisher_rao", "js"]
 SpectrumDtype = Literal["float32", "float64"]
 AutocastDtype = Literal["bfloat16", "float16"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
-from spinal_callback.preference_data import make_preference_pairs
-from spinal_callback.probe import ProbeBatch
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.preference_data import make_preference_pairs
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.spinal_probe import ProbeBatch
 
 
 @pytest.fixture(scope="session")

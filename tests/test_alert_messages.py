@@ -8,9 +8,9 @@ import random
 import pytest
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import RampMonitor
-from spinal_callback.events import Alert
-from spinal_callback.rules.loss_spike import LossSpike
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.monitor.rules.loss_spike import LossSpike
 
 ADVICE = ("lower the learning rate", "check the data", "resume from", "check the pairs")
 """Phrases that tell the reader to act; an info message carries none of them."""

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback.cli import main
-from spinal_callback.trace import DepthTrace
+from spinal_callback.probe.trace import DepthTrace
+from spinal_callback.tools.cli import main
 
 
 @pytest.fixture
@@ -218,7 +218,7 @@ def test_the_console_script_reports_truncated_weights_in_one_line_without_traceb
     damaged = damaged_copy(two_checkpoints[0], tmp_path / "damaged", truncate_weights)
     environment = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
-        [sys.executable, "-m", "spinal_callback.cli", "audit", str(damaged)],
+        [sys.executable, "-m", "spinal_callback.tools.cli", "audit", str(damaged)],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import RampMonitor
-from spinal_callback.rules import DEFAULT_RULES, AlertRule, LanguageDrift, NonFinite
-from spinal_callback.rules.departure import departure
-from spinal_callback.rules.loss_spike import MIN_WINDOW
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.monitor.rules import DEFAULT_RULES, AlertRule, LanguageDrift, NonFinite
+from spinal_callback.monitor.rules.departure import departure
+from spinal_callback.monitor.rules.loss_spike import MIN_WINDOW
+from spinal_callback.probe.trace import DepthTrace
 
 SUMMARY = {
     "contraction_slope": 0.8,

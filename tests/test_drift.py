@@ -18,16 +18,16 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.drift import (
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.outputs.tensorboard import TraceBoard, custom_scalar_layout
+from spinal_callback.probe.drift import (
     activation_drift,
     block_outputs,
     decode_activations,
     drift_scalars,
     encode_activations,
 )
-from spinal_callback.outputs import Outputs
-from spinal_callback.probe import ProbeBatch
-from spinal_callback.tensorboard import TraceBoard, custom_scalar_layout
+from spinal_callback.probe.spinal_probe import ProbeBatch
 from spinal_callback.training.runner import Runner
 
 DRIFT_TAGS = [f"spinal/drift/L{block:02d}" for block in range(4)]
@@ -286,7 +286,7 @@ def test_a_failing_drift_measurement_is_logged_and_skipped(
 
     session = make_session(llama, tokenizer, probe_texts, drift_every=1)
     with monkeypatch.context() as patch:
-        patch.setattr("spinal_callback.drift.block_outputs", out_of_memory)
+        patch.setattr("spinal_callback.probe.drift.block_outputs", out_of_memory)
         with caplog.at_level(logging.ERROR, logger="spinal_callback"):
             session.step(0)
     assert len(session.traces) == 1 and drift_logged(session) == {}

@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from spinal_callback.capture import capture_block_outputs, forget_zero3_trace, forward_inputs
-from spinal_callback.model_access import resolve_model_parts
-from spinal_callback.probe import ProbeBatch, SpinalProbe, _vocab_size
+from spinal_callback.probe.capture import capture_block_outputs, forget_zero3_trace, forward_inputs
+from spinal_callback.probe.model_access import resolve_model_parts
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe, _vocab_size
 from tests.test_distributed import WORLD_SIZE, torchrun
 
 LAUNCH_TIMEOUT_S = 240

@@ -13,7 +13,7 @@ its first training step. A probe failing on one rank switches probing off on eve
 no collective left unmatched. Each launch has a timeout; a hang fails the test and leaves no
 process behind.
 
-Single-process checks come first: ``spinal_callback.sharding`` on an unsharded model, and the
+Single-process checks come first: ``spinal_callback.probe.sharding`` on an unsharded model, and the
 runner's agreement between ranks for a sharded model (the other ranks simulated).
 """
 
@@ -41,9 +41,9 @@ from test_distributed import (
 )
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.outputs import Outputs
-from spinal_callback.sharding import attach_root, root_parameters_whole, sharding_root
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.probe.sharding import attach_root, root_parameters_whole, sharding_root
 from spinal_callback.training.runner import Runner
 
 LAUNCH_TIMEOUT_S = 240

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spinal_callback.events import RESUMED, Alert, AlertLevel, EventLog, current_records
+from spinal_callback.monitor.alerts import Alert, AlertLevel
+from spinal_callback.outputs.event_log import RESUMED, EventLog, current_records
 
 FIELDS = {"step", "level", "rule", "metric", "value", "threshold", "layers", "message", "time"}
 
@@ -60,7 +61,8 @@ def test_event_log_survives_sigkill_right_after_append(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     script = f"""
 import sys, time
-from spinal_callback.events import Alert, EventLog
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.event_log import EventLog
 log = EventLog({str(path)!r})
 for step in range(5):
     log.append(Alert(step=step, level="critical", rule="non_finite", metric="m", value=0.0,

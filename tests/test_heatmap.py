@@ -15,8 +15,8 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from spinal_callback.events import Alert, AlertLevel
-from spinal_callback.heatmap import (
+from spinal_callback.monitor.alerts import Alert, AlertLevel
+from spinal_callback.outputs.heatmap import (
     ALERT_COLOURS,
     HEATMAP_COLUMNS,
     LAYER_AXIS_LABEL,
@@ -26,8 +26,8 @@ from spinal_callback.heatmap import (
     depth_trace_figure,
     figure_pixels,
 )
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.trace import DepthTrace, block_name
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe.trace import DepthTrace, block_name
 
 LAYERS = (20, 21, 22, 23)
 

@@ -14,9 +14,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback.events import EventLog
 from spinal_callback.integrations.lightning import SpinalCallback
-from spinal_callback.tensorboard import layer_scalars, trace_scalars
+from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.tensorboard import layer_scalars, trace_scalars
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -234,7 +234,7 @@ class CliDPOModule(TinyDPOModule):
     """A module ``LightningCLI`` can build from plain arguments."""
 
     def __init__(self, layers: int = 4) -> None:
-        from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+        from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = build_tiny_tokenizer()
         super().__init__(
@@ -302,6 +302,28 @@ trainer:
     assert callback.config.stop_on is None and callback.config.transport == "js"
     assert [trace.step for trace in callback.traces] == [0, 4]
     assert callback.traces[0].layers == [1, 2, 3]
+
+
+def test_lightning_cli_reads_the_config_as_a_typed_spinal_config(
+    tmp_path: Path, probe_texts: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("jsonargparse")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  callbacks:
+    - class_path: spinal_callback.integrations.lightning.SpinalCallback
+      init_args:
+        probe_texts: {json.dumps(probe_texts)}
+        config:
+          transport: earth_movers
+"""
+    )
+    with pytest.raises(SystemExit):
+        run_cli(tmp_path, [f"--config={config}"])
+    error = capsys.readouterr().err
+    assert "transport" in error and "earth_movers" in error and "hellinger" in error
 
 
 def test_wrong_model_attribute_fails_at_setup_naming_the_submodules(

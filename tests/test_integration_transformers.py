@@ -13,11 +13,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import PreTrainedModel, TrainerCallback
 
+from spinal_callback.demos.preference_data import WORDS
 from spinal_callback.integrations.transformers import SpinalTrainerCallback, run_first
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.preference_data import WORDS
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tensorboard import layer_scalars, trace_scalars
+from spinal_callback.outputs.tensorboard import layer_scalars, trace_scalars
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe.spinal_probe import SpinalProbe
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")

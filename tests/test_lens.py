@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from spinal_callback import lens
-from spinal_callback.lens import LensMoments, LensStatistics, lens_statistics
-from spinal_callback.metrics import per_token_transport, token_entropy, transport_from_gram
-from spinal_callback.model_access import ModelParts, resolve_model_parts
+from spinal_callback.probe import lens
+from spinal_callback.probe.lens import LensMoments, LensStatistics, lens_statistics
+from spinal_callback.probe.metrics import per_token_transport, token_entropy, transport_from_gram
+from spinal_callback.probe.model_access import ModelParts, resolve_model_parts
 
 
 def folded(logits: torch.Tensor, columns: int, targets: torch.Tensor | None = None) -> LensMoments:

@@ -14,10 +14,10 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.lens_check import fit_logits, largest_gap, same_logit_scale
-from spinal_callback.model_access import ModelAccessError, resolve_model_parts
-from spinal_callback.probe import LENS_CHECK_ATTEMPTS, ProbeBatch, SpinalProbe
-from spinal_callback.tiny import TINY_ARCHITECTURES, llama_like
+from spinal_callback.demos.tiny import TINY_ARCHITECTURES, llama_like
+from spinal_callback.probe.lens_check import fit_logits, largest_gap, same_logit_scale
+from spinal_callback.probe.model_access import ModelAccessError, resolve_model_parts
+from spinal_callback.probe.spinal_probe import LENS_CHECK_ATTEMPTS, ProbeBatch, SpinalProbe
 
 
 def last_block_output_and_logits(

@@ -11,16 +11,16 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback.cli import main
-from spinal_callback.localize import Localization, localize, sparse_attribution
-from spinal_callback.pairs import collate_pairs, load_pairs, reply_logp_shifts
-from spinal_callback.patching import PatchRunner, check_same_architecture
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     make_preference_pairs,
     tokenizer_corpus,
 )
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.tools.cli import main
+from spinal_callback.tools.localize import Localization, localize, sparse_attribution
+from spinal_callback.tools.pairs import collate_pairs, load_pairs, reply_logp_shifts
+from spinal_callback.tools.patching import PatchRunner, check_same_architecture
 
 pytest.importorskip("sklearn")
 PLANTED_BLOCK = 2
@@ -452,7 +452,7 @@ def test_cli_refuses_one_pair_before_loading_a_model(
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("spinal localize loaded a model before counting the pairs")
 
-    monkeypatch.setattr("spinal_callback.cli.load_local_model", forbidden)
+    monkeypatch.setattr("spinal_callback.tools.cli.load_local_model", forbidden)
     status = run_localize(tmp_path, base, task_tokenizer, pairs[:1], "base", ["--no-progress"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spinal")]
     assert status == 2

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from spinal_callback.demos.preference_data import make_preference_pairs
 from spinal_callback.integrations.transformers import SpinalTrainerCallback, run_first
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.preference_data import make_preference_pairs
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
 
 FORWARDED = [*(f"spinal/ramp/{name}" for name in RAMP_SUMMARY_NAMES), "spinal/alert_level"]
 LOG_STEPS = [2, 4]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spinal_callback.metrics import (
+from spinal_callback.probe.metrics import (
     ContractionStatus,
     contraction_score,
     contraction_scores,

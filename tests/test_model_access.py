@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from spinal_callback.model_access import (
+from spinal_callback.demos.tiny import TINY_ARCHITECTURES
+from spinal_callback.probe.model_access import (
     HIDDEN_SIZE_NAMES,
     ModelAccessError,
     check_reference_model,
@@ -23,7 +24,6 @@ from spinal_callback.model_access import (
     resolve_model_parts,
     unwrap_model,
 )
-from spinal_callback.tiny import TINY_ARCHITECTURES
 
 EXPECTED_PATHS = {
     "llama": ("model.layers", "model.norm"),
@@ -244,7 +244,7 @@ def test_path_as_reference_is_rejected_with_how_to_load_it(
         check_reference_model(llama, path)
     message = str(error.value)
     assert "AutoModelForCausalLM.from_pretrained('/some/path')" in message
-    assert "spinal_callback.loading.load_local_model('/some/path')" in message
+    assert "spinal_callback.probe.loading.load_local_model('/some/path')" in message
 
 
 def test_non_module_reference_is_rejected_naming_its_type(llama: PreTrainedModel) -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from spinal_callback import patching
-from spinal_callback.pairs import reply_logps, response_logps
+from spinal_callback.tools import patching
+from spinal_callback.tools.pairs import reply_logps, response_logps
 
 VOCAB = 5
 IDS = torch.tensor([[3, 1, 0, 4]])

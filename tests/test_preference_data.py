@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     PARTNER,
     TASKS,
     TOKENIZER_VOCAB_SIZE,
@@ -12,7 +12,7 @@ from spinal_callback.preference_data import (
     neutral_sentences,
     tokenizer_corpus,
 )
-from spinal_callback.tiny import build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_tokenizer
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from spinal_callback import SpinalConfig, capture
-from spinal_callback.metrics import contraction_score, transport_score
-from spinal_callback.model_access import ModelParts, resolve_model_parts
-from spinal_callback.probe import ProbeBatch, SpinalProbe, late_band
+from spinal_callback import SpinalConfig
+from spinal_callback.probe import capture
+from spinal_callback.probe.metrics import contraction_score, transport_score
+from spinal_callback.probe.model_access import ModelParts, resolve_model_parts
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe, late_band
 
 
 def test_probe_batch_rejects_empty_text_list(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -456,7 +457,7 @@ def test_groups_of_very_different_lengths_run_as_separate_forwards_with_the_same
     hook = llama.model.layers[0].register_forward_pre_hook(lambda *a: forwards.append(1))
     trace = separate.run()
     assert len(forwards) == 2
-    monkeypatch.setattr("spinal_callback.probe.MAX_PADDING_WASTE", 1e9)
+    monkeypatch.setattr("spinal_callback.probe.spinal_probe.MAX_PADDING_WASTE", 1e9)
     stacked_probe = SpinalProbe(llama, short, SpinalConfig(), long)
     stacked_probe.run()
     forwards.clear()

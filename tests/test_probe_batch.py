@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from spinal_callback.probe_batch import ProbeBatch
-from spinal_callback.texts import check_texts
+from spinal_callback.probe.batch import ProbeBatch
+from spinal_callback.probe.texts import check_texts
 
 README_PROBE = ["Explain why the sky is blue.", "Write a haiku about rain."] * 8
 

@@ -10,11 +10,11 @@ import torch
 
 from recipes.smollm2 import available, checkpoint_dir
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import RampMonitor
-from spinal_callback.loading import load_local_model, load_local_tokenizer
-from spinal_callback.probe import ProbeBatch, SpinalProbe
-from spinal_callback.rules.language import has_language, perplexity_ratio
-from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.monitor.rules.language import has_language, perplexity_ratio
+from spinal_callback.probe.loading import load_local_model, load_local_tokenizer
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe
+from spinal_callback.probe.texts import DEFAULT_NEUTRAL_TEXTS
 
 pytestmark = [
     pytest.mark.real_model,

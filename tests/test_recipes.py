@@ -19,8 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import PreTrainedTokenizerFast
 
 from recipes import common, lightning_dpo, smollm2, trl_dpo
-from spinal_callback.loading import load_local_model, load_local_tokenizer
-from spinal_callback.preference_data import (
+from spinal_callback.demos.preference_data import (
     TOKENIZER_VOCAB_SIZE,
     WORDS,
     held_out_pairs,
@@ -28,7 +27,8 @@ from spinal_callback.preference_data import (
     tokenizer_corpus,
     train_eval_split,
 )
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.loading import load_local_model, load_local_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = pytest.mark.parametrize("recipe", [trl_dpo, lightning_dpo], ids=["trl", "lightning"])

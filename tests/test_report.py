@@ -14,10 +14,10 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from spinal_callback.localize import Localization, LowRankRecovery
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.report import plot_depth_paths, plot_localization
-from spinal_callback.trace import DepthTrace
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe.trace import DepthTrace
+from spinal_callback.tools.localize import Localization, LowRankRecovery
+from spinal_callback.tools.report import plot_depth_paths, plot_localization
 
 PNG_SHAPE = (462, 1210, 4)
 """11 x 4.2 inches at 110 dpi, RGBA."""

@@ -24,11 +24,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import RESUMED, EventLog
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.outputs import Outputs
-from spinal_callback.ownership import RunConflictError
-from spinal_callback.tensorboard import TraceBoard
+from spinal_callback.outputs.event_log import RESUMED, EventLog
+from spinal_callback.outputs.ownership import RunConflictError
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.training.good_checkpoint import GoodCheckpoint, rotate_good_checkpoint
 from spinal_callback.training.runner import Runner
 from tests.test_integration_transformers import PoisonWeightsAt
@@ -182,7 +182,7 @@ def test_a_checkpoint_naming_another_file_never_writes_it(
 def hold_lock_in_another_process(path: Path) -> subprocess.Popen[str]:
     code = (
         "import sys, time\n"
-        "from spinal_callback.ownership import RunLock\n"
+        "from spinal_callback.outputs.ownership import RunLock\n"
         "lock = RunLock(sys.argv[1], 'otherrun')\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n"

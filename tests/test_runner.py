@@ -16,9 +16,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import Alert, EventLog
-from spinal_callback.outputs import Outputs
-from spinal_callback.probe import SpinalProbe
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.probe.spinal_probe import SpinalProbe
 from spinal_callback.training.good_checkpoint import GoodCheckpoint
 from spinal_callback.training.guarded_probe import is_out_of_memory
 from spinal_callback.training.runner import Decision, Runner

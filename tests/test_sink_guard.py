@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from spinal_callback.sink_guard import SinkGuard
+from spinal_callback.outputs.sink_guard import SinkGuard
 
 
 def test_the_first_failure_of_a_streak_is_logged_once_and_recovery_counts_the_lost_writes(

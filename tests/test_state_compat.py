@@ -16,9 +16,9 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import EventLog
-from spinal_callback.outputs import Outputs
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
+from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.sinks import Outputs
 from spinal_callback.training.runner import Runner
 from spinal_callback.training.state import STATE_VERSION, upgrade_state
 

@@ -22,10 +22,10 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from spinal_callback.events import Alert
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.tensorboard import PREFIX, TraceBoard, block_name, custom_scalar_layout
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.tensorboard import PREFIX, TraceBoard, block_name, custom_scalar_layout
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.probe.trace import DepthTrace
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DIR = "/runs/fake"
@@ -356,9 +356,9 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES
-from spinal_callback.tensorboard import TraceBoard
-from spinal_callback.trace import DepthTrace
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
+from spinal_callback.outputs.tensorboard import TraceBoard
+from spinal_callback.probe.trace import DepthTrace
 
 mode, root = sys.argv[1], Path(sys.argv[2])
 records = []
@@ -612,7 +612,7 @@ def test_a_heatmap_leaves_the_users_backend_and_pyplot_alone(tmp_path: Path) -> 
     script = (
         "import sys, matplotlib\n"
         "from tests.test_tensorboard import trace_at\n"
-        "from spinal_callback.tensorboard import TraceBoard\n"
+        "from spinal_callback.outputs.tensorboard import TraceBoard\n"
         f"board = TraceBoard.open({str(tmp_path)!r})\n"
         "board.write_heatmap([trace_at(1), trace_at(2)])\n"
         "board.close()\n"

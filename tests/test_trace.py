@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinal_callback.metrics import RAMP_SUMMARY_NAMES, ContractionStatus
-from spinal_callback.trace import FORMAT_VERSION, DepthTrace, DepthTraceFormatError
+from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES, ContractionStatus
+from spinal_callback.probe.trace import FORMAT_VERSION, DepthTrace, DepthTraceFormatError
 
 
 def make_trace(**overrides: object) -> DepthTrace:

@@ -16,9 +16,10 @@ from torch import nn
 
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig, StopLevel
-from spinal_callback.events import Alert, EventLog
-from spinal_callback.outputs import AlertHook, Outputs
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.sinks import AlertHook, Outputs
+from spinal_callback.probe.trace import DepthTrace
 from spinal_callback.training.good_checkpoint import (
     GoodCheckpoint,
     check_keep_good_checkpoint,
@@ -179,7 +180,7 @@ def check_reference_argument(reference: object) -> None:
     if isinstance(reference, (str, os.PathLike)):
         hint = (
             f"; load it first, e.g. ref_model=AutoModelForCausalLM.from_pretrained("
-            f"{os.fspath(reference)!r}) or spinal_callback.loading.load_local_model(...)"
+            f"{os.fspath(reference)!r}) or spinal_callback.probe.loading.load_local_model(...)"
         )
     raise TypeError(
         f"ref_model must be a model (torch.nn.Module) or None, got {type(reference).__name__}"

@@ -22,10 +22,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import scalar_logs
 from spinal_callback.integrations.common import SpinalOptions
-from spinal_callback.sharding import attach_root
-from spinal_callback.tensorboard import TraceBoard
+from spinal_callback.monitor.ramp_monitor import scalar_logs
+from spinal_callback.outputs.tensorboard import TraceBoard
+from spinal_callback.probe.sharding import attach_root
 from spinal_callback.training.stop_ledger import Decision
 
 REFERENCE_ATTRIBUTES = ("ref_model", "reference", "reference_model")
@@ -211,7 +211,7 @@ class SpinalCallback(SpinalOptions, pl.Callback):
             self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         )
         if isinstance(tokenizer, (str, os.PathLike)):
-            from spinal_callback.loading import load_local_tokenizer
+            from spinal_callback.probe.loading import load_local_tokenizer
 
             tokenizer = load_local_tokenizer(os.fspath(tokenizer))
         return tokenizer

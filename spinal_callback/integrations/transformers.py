@@ -24,7 +24,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spinal_callback.integrations.common import SpinalOptions, check_reference_argument
-from spinal_callback.tensorboard import TraceBoard
+from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.training.stop_ledger import Decision
 
 STATE_KEY = "spinal_callback"

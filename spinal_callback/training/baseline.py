@@ -14,12 +14,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.detector import RampMonitor
-from spinal_callback.events import Alert
-from spinal_callback.lens_check import same_logit_scale
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.rules.language import has_language
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.monitor.ramp_monitor import RampMonitor
+from spinal_callback.monitor.rules.language import has_language
+from spinal_callback.probe.lens_check import same_logit_scale
+from spinal_callback.probe.spinal_probe import SpinalProbe
+from spinal_callback.probe.trace import DepthTrace
 
 STATE_VERSION = 1
 Note = Callable[[int, str], None]

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable, Sequence
 
 from spinal_callback.atomic import sync_directory
-from spinal_callback.ownership import is_inside, mark_owned, mark_path, owner_of
+from spinal_callback.outputs.ownership import is_inside, mark_owned, mark_path, owner_of
 
 logger = logging.getLogger("spinal_callback")
 

@@ -18,14 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.drift import DriftMeter
-from spinal_callback.events import Alert
-from spinal_callback.model_access import check_reference_model, peft_model_in
-from spinal_callback.probe import ProbeBatch, SpinalProbe
-from spinal_callback.probe_batch import build_probe_batch
-from spinal_callback.sharding import sharding_root
-from spinal_callback.texts import DEFAULT_NEUTRAL_TEXTS
-from spinal_callback.trace import DepthTrace
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.probe.batch import build_probe_batch
+from spinal_callback.probe.drift import DriftMeter
+from spinal_callback.probe.model_access import check_reference_model, peft_model_in
+from spinal_callback.probe.sharding import sharding_root
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe
+from spinal_callback.probe.texts import DEFAULT_NEUTRAL_TEXTS
+from spinal_callback.probe.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
 PROBE_FAILED = "probe_failed"

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from spinal_callback import distributed
-from spinal_callback.drift import DriftMeter
-from spinal_callback.events import RESUMED, Alert
-from spinal_callback.history import TraceHistory, runs_in
-from spinal_callback.outputs import Outputs
-from spinal_callback.ownership import RunLock, lock_or_warn
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.event_log import RESUMED
+from spinal_callback.outputs.history import TraceHistory, runs_in
+from spinal_callback.outputs.ownership import RunLock, lock_or_warn
+from spinal_callback.outputs.sinks import Outputs
+from spinal_callback.probe.drift import DriftMeter
 
 logger = logging.getLogger("spinal_callback")
 

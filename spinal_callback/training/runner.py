@@ -26,14 +26,14 @@ from torch import nn
 
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
-from spinal_callback.drift import DriftMeter, drift_scalars
-from spinal_callback.events import Alert
-from spinal_callback.history import TraceHistory
-from spinal_callback.outputs import AlertHook, Outputs, check_alert_hook
-from spinal_callback.ownership import new_run_id
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tensorboard import summary_scalars
-from spinal_callback.texts import check_texts
+from spinal_callback.monitor.alerts import Alert
+from spinal_callback.outputs.history import TraceHistory
+from spinal_callback.outputs.ownership import new_run_id
+from spinal_callback.outputs.sinks import AlertHook, Outputs, check_alert_hook
+from spinal_callback.outputs.tensorboard import summary_scalars
+from spinal_callback.probe.drift import DriftMeter, drift_scalars
+from spinal_callback.probe.spinal_probe import SpinalProbe
+from spinal_callback.probe.texts import check_texts
 from spinal_callback.training.baseline import Baseline
 from spinal_callback.training.guarded_probe import GuardedProbe, failures_logged
 from spinal_callback.training.run_files import RunFiles

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.events import Alert, AlertLevel
-from spinal_callback.outputs import Outputs
+from spinal_callback.monitor.alerts import Alert, AlertLevel
+from spinal_callback.outputs.sinks import Outputs
 from spinal_callback.training.guarded_probe import PROBE_FAILED
 
 logger = logging.getLogger("spinal_callback")

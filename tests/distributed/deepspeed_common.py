@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS
+from spinal_callback.probe.spinal_probe import SpinalProbe
 
 PROBE_TEXTS = list(DEFAULT_PROBE_TEXTS)
 EVERY_N_STEPS = 2

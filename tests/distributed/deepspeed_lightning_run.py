@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.lightning import SpinalCallback
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
 from tests.distributed.deepspeed_common import (
     EVERY_N_STEPS,
     PROBE_TEXTS,

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
+from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.tiny import build_tiny_model, build_tiny_tokenizer
 from tests.distributed.deepspeed_common import (
     EVERY_N_STEPS,
     PROBE_TEXTS,

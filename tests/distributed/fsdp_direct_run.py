@@ -20,8 +20,8 @@ import torch.distributed as dist
 from fsdp_probe_run import shard, train_pass
 from lightning_sharded_run import engine_state, trace_record
 
-from spinal_callback.probe import ProbeBatch, SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe
 from tests.distributed.teardown import end_distributed_run
 
 

@@ -30,9 +30,9 @@ from torch import nn
 from transformers import TrainerCallback
 from trl_ddp_run import preference_rows
 
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.spinal_probe import SpinalProbe
 from tests.distributed.teardown import end_distributed_run
 
 EVERY_N_STEPS = 2

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spinal_callback.probe import ProbeBatch, SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.spinal_probe import ProbeBatch, SpinalProbe
 from tests.distributed.teardown import end_distributed_run
 
 

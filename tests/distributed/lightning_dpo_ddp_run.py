@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.lightning import SpinalCallback
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
+from spinal_callback.probe.spinal_probe import SpinalProbe
 from tests.distributed.teardown import end_distributed_run
 
 

@@ -29,10 +29,10 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning_dpo_ddp_run import TinyDPOModule, pair_batches
 from torch import nn
 
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.lightning import SpinalCallback
-from spinal_callback.probe import SpinalProbe
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
-from spinal_callback.trace import DepthTrace
+from spinal_callback.probe.spinal_probe import SpinalProbe
+from spinal_callback.probe.trace import DepthTrace
 from tests.distributed.teardown import end_distributed_run
 
 EVERY_N_STEPS = 2
@@ -132,7 +132,7 @@ def fail_scores_on_rank(rank: int, from_step: int) -> None:
 
 def count_drift_measurements() -> dict[str, int]:
     """How many drift measurements succeeded (a failed one is only logged)."""
-    from spinal_callback.drift import DriftMeter
+    from spinal_callback.probe.drift import DriftMeter
 
     counts = {"measured": 0}
     measure = DriftMeter.measure

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import trl
 from transformers import TrainerCallback
 
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from tests.distributed.teardown import end_distributed_run
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "ocean", "bread"]

@@ -19,9 +19,9 @@ import torch
 import trl
 from transformers import TrainerCallback
 
+from spinal_callback.demos.preference_data import make_preference_pairs
+from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
-from spinal_callback.preference_data import make_preference_pairs
-from spinal_callback.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 
 
 class PoisonAt(TrainerCallback):

@@ -1,0 +1,1 @@
+"""The ``spinal`` command line (``demo``, ``audit``, ``localize``) and its reports."""
