@@ -464,7 +464,7 @@ def inject_overflow(spec: RunSpec, model: nn.Module, step: int) -> None:
 def record_monitor(spinal: Any) -> RecordingMonitor:
     """Swap the callback's monitor for one that records every input it receives."""
     monitor = RecordingMonitor(spinal.config)
-    spinal.runner.monitor = monitor
+    spinal.runner.use_monitor(monitor)
     return monitor
 
 

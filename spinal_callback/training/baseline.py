@@ -45,6 +45,12 @@ class Baseline:
     def monitor(self) -> RampMonitor:
         return self._monitor
 
+    def use_monitor(self, monitor: RampMonitor) -> None:
+        """Score with ``monitor`` (not yet calibrated) instead of a default ``RampMonitor``."""
+        self._monitor = monitor
+        if self._reference is not None:
+            monitor.set_reference(self._reference)
+
     def adopt(
         self,
         trace: DepthTrace,

@@ -27,6 +27,7 @@ from torch import nn
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
 from spinal_callback.monitor.alerts import Alert
+from spinal_callback.monitor.ramp_monitor import RampMonitor
 from spinal_callback.outputs.history import TraceHistory
 from spinal_callback.outputs.ownership import new_run_id
 from spinal_callback.outputs.sinks import AlertHook, Outputs, check_alert_hook
@@ -124,6 +125,11 @@ class Runner:
     @property
     def disabled(self) -> bool:
         return self._guard is not None and self._guard.disabled
+
+    def use_monitor(self, monitor: RampMonitor) -> None:
+        """Score with ``monitor`` from now on (a ``RampMonitor`` with other rules, or one that
+        records its inputs, as the benchmarks do); before the first probe."""
+        self._baseline.use_monitor(monitor)
 
     def resume_advice(self) -> str:
         """Which checkpoint to resume from (``StopLedger.resume_advice``)."""
