@@ -38,3 +38,13 @@ def any_rank(flag: bool) -> bool:
 def every_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on every rank (a collective, as ``any_rank``)."""
     return not any_rank(not flag)
+
+
+def rank_zeros(value: str) -> str:
+    """Rank 0's ``value`` on every rank (a collective, as ``any_rank``): what the ranks of one
+    run must share, such as its identity."""
+    if not is_initialized() or world_size() == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return str(shared[0])

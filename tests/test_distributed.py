@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import torch
 
+from spinal_callback.outputs.event_log import EventLog
+
 SCRIPTS = Path(__file__).parent / "distributed"
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -183,6 +185,23 @@ def test_hf_ddp_every_rank_probes_the_same_probe_at_the_same_steps(
     _, records = hf_run
     assert [r["probe_steps"] for r in records] == [[0, 4, 8]] * WORLD_SIZE
     assert records[0]["transport_mean"] == records[1]["transport_mean"]
+
+
+def test_hf_ddp_every_rank_takes_rank_zeros_run_id(
+    hf_run: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    _, records = hf_run
+    assert len({r["run_id"] for r in records}) == 1
+
+
+@pytest.mark.fault
+def test_hf_ddp_the_event_logs_of_every_rank_carry_one_run_id(tmp_path: Path) -> None:
+    pytest.importorskip("trl")
+    options = ("--max-steps", "12", "--poison-rank", "1", "--poison-step", "4")
+    torchrun("trl_ddp_run.py", tmp_path, *options)
+    logs = sorted((tmp_path / "runs" / "spinal").glob("spinal_events*.jsonl"))
+    run_ids = {record["run"] for log in logs for record in EventLog(log).read()}
+    assert len(logs) == 2 and len(run_ids) == 1, "a resume supersedes records by their run id"
 
 
 def test_hf_ddp_only_rank_zero_writes_tensorboard_one_event_file_per_run(

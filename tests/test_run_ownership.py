@@ -429,3 +429,78 @@ def test_a_reference_model_with_a_larger_vocabulary_is_refused_before_the_first_
 def test_an_on_alert_that_is_not_callable_is_refused_at_construction(hook: Any) -> None:
     with pytest.raises(TypeError, match="on_alert must be a callable"):
         SpinalTrainerCallback(on_alert=hook)
+
+
+@pytest.mark.fault
+def test_training_again_with_a_good_checkpoint_is_refused_before_the_first_step(
+    make_dpo_trainer: Callable[..., Any], tmp_path: Path
+) -> None:
+    good = tmp_path / "good"
+    callback = SpinalTrainerCallback(every_n_steps=2, keep_good_checkpoint=str(good))
+    trainer = make_dpo_trainer(callback, max_steps=6)
+    trainer.train()
+    kept = sorted(p.name for p in good.iterdir())
+    with pytest.raises(ValueError, match="another run's good checkpoint"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert sorted(p.name for p in good.iterdir()) == kept
+
+
+@pytest.mark.fault
+def test_a_torn_trace_line_costs_no_trace_at_a_later_resume(
+    llama: PreTrainedModel, make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    first = make_runner(llama)
+    FakeTrainer(first, llama, tmp_path).fit(max_steps=4)
+    state = json.loads(json.dumps(first.state_dict()))
+    with (tmp_path / "spinal_traces.jsonl").open("ab") as file:
+        file.write(b'{"run": "torn by a kill')
+    resumed = make_runner(llama)
+    resumed.load_state_dict(state)
+    FakeTrainer(resumed, llama, tmp_path).fit(max_steps=8, start=4)
+    again = make_runner(llama)
+    again.load_state_dict(json.loads(json.dumps(resumed.state_dict())))
+    FakeTrainer(again, llama, tmp_path).fit(max_steps=10, start=8)
+    assert [trace.step for trace in again.traces] == [0, 2, 4, 6, 8, 10]
+
+
+@pytest.mark.fault
+def test_a_trace_line_lost_after_a_restart_keeps_the_restarted_traces_inline(
+    llama: PreTrainedModel,
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from spinal_callback.outputs import history
+
+    runner = make_runner(llama)
+    FakeTrainer(runner, llama, tmp_path).fit(max_steps=2)
+    runner.history.restart()  # a new probe, as after the out-of-memory halving
+    writes = {"failed": 0}
+    original = history._append_line
+
+    def fail_once(path: Path, line: bytes) -> None:
+        if writes["failed"] == 0:
+            writes["failed"] = 1
+            raise OSError("disk full")
+        original(path, line)
+
+    monkeypatch.setattr(history, "_append_line", fail_once)
+    runner.step(4)
+    runner.step(6)
+    state = json.loads(json.dumps(runner.state_dict()))
+    restored = make_runner(llama)
+    restored.load_state_dict(state)
+    assert [trace.step for trace in restored.traces] == [4, 6]
+
+
+@pytest.mark.fault
+def test_every_rank_skips_the_good_checkpoints_save_when_the_main_one_finds_a_users_path(
+    tmp_path: Path,
+) -> None:
+    saves: list[str] = []
+    other_rank = GoodCheckpoint(str(tmp_path / "good"), saves.append, is_main=False, run_id="r1")
+    assert rotate_good_checkpoint(other_rank, 2, agree=lambda flag: True) is None
+    assert saves == [] and other_rank.refused is not None
+    assert rotate_good_checkpoint(other_rank, 4, agree=lambda flag: False) is None
+    assert saves == []  # refused for the rest of the run, on this rank too

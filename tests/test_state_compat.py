@@ -20,7 +20,7 @@ from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model
 from spinal_callback.outputs.event_log import EventLog
 from spinal_callback.outputs.sinks import Outputs
 from spinal_callback.training.runner import Runner
-from spinal_callback.training.state import STATE_VERSION, upgrade_state
+from spinal_callback.training.state import STATE_VERSION, saved_state, upgrade_state
 
 DATA = Path(__file__).parent / "data" / "checkpoints"
 RELEASES = {"07051a2": 2, "9e5933b": 3}
@@ -75,3 +75,12 @@ def test_an_upgraded_state_keeps_one_copy_of_the_reference() -> None:
 def test_a_state_of_a_newer_release_is_refused_naming_both_versions() -> None:
     with pytest.raises(ValueError, match=f"version {STATE_VERSION + 1} is newer than"):
         upgrade_state({"version": STATE_VERSION + 1})
+
+
+def test_the_state_is_found_under_its_key_or_the_first_releases_class_name_entry() -> None:
+    state = {"version": STATE_VERSION}
+    assert saved_state({"spinal_callback": state}, "spinal_callback", "Cb") == state
+    legacy = {"Cb": [{"attributes": {"spinal_state": state}}]}
+    assert saved_state(legacy, "spinal_callback", "Cb") == state
+    assert saved_state({"Other": {}}, "spinal_callback", "Cb") is None
+    assert saved_state(None, "spinal_callback", "Cb") is None

@@ -118,17 +118,20 @@ class SpinalOptions:
         """The sinks of this rank: ``board`` (rank zero) and this rank's event log."""
         return Outputs(board, rank_event_log(self.config, log_dir), owns_board=owns_board)
 
-    def _rotate_good(self, step: int, save: Callable[[str], None], is_main: bool) -> None:
-        """Rotate the good checkpoint (``GoodCheckpoint``) with the framework's ``save``."""
-        if self.keep_good_checkpoint is None:
-            return
+    def _prepare_good(self, save: Callable[[str], None], is_main: bool) -> None:
+        """At train begin (after a resume's state is restored, so the run is known): the good
+        checkpoint, refusing now a path that is not this run's (``GoodCheckpoint``)."""
+        if self.keep_good_checkpoint is not None and self._good is None:
+            run = self.runner.run_id
+            self._good = GoodCheckpoint(self.keep_good_checkpoint, save, is_main, run)
+
+    def _rotate_good(self, step: int) -> None:
+        """Rotate the good checkpoint prepared at train begin."""
         if self._good is None:
-            self._good = GoodCheckpoint(
-                self.keep_good_checkpoint, save, is_main, self.runner.run_id
-            )
-        promoted = rotate_good_checkpoint(self._good, step)
+            return
+        promoted = rotate_good_checkpoint(self._good, step, self.runner.reduce_any)
         if promoted is not None:
-            self.runner.saved(promoted, self.keep_good_checkpoint)
+            self.runner.saved(promoted, self._good.path)
 
 
 def resolve_config(

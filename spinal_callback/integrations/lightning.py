@@ -102,6 +102,7 @@ class SpinalCallback(SpinalOptions, pl.Callback):
             board, log_dir, owned = self._board(trainer)
         outputs = self._outputs(board, log_dir, owned)
         step = trainer.global_step
+        self._prepare_good(trainer.save_checkpoint, trainer.is_global_zero)
         decision = self.runner.begin(step, outputs, log_dir, _strategy_reduce_any(trainer))
         self._forward_scalars(trainer, step)
         self._act(decision, trainer, step)
@@ -141,7 +142,7 @@ class SpinalCallback(SpinalOptions, pl.Callback):
         """On a stop: save ``spinal-stop-step=<step>.ckpt`` (every rank: a collective), stop.
         On ``save_good``: overwrite the good checkpoint."""
         if decision.save_good:
-            self._rotate_good(step, trainer.save_checkpoint, trainer.is_global_zero)
+            self._rotate_good(step)
         if decision.stop and not trainer.should_stop:
             path = os.path.join(_checkpoint_dir(trainer), f"spinal-stop-step={step}.ckpt")
             trainer.save_checkpoint(path)

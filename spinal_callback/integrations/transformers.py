@@ -16,6 +16,7 @@ summaries are never charted a second time as ``train/spinal/*`` in the trainer's
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -25,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from spinal_callback.integrations.common import SpinalOptions, check_reference_argument
 from spinal_callback.outputs.tensorboard import TraceBoard
+from spinal_callback.training.state import saved_state
 from spinal_callback.training.stop_ledger import Decision
 
 STATE_KEY = "spinal_callback"
@@ -107,10 +109,12 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         self.runner.setup(model, tokenizer, dataset, self.ref_model)
         self._model = model
-        stored = state.stateful_callbacks
-        saved = stored.get(STATE_KEY) if isinstance(stored, dict) else None
+        saved = saved_state(state.stateful_callbacks, STATE_KEY, type(self).__name__)
         if state.global_step > 0 and saved:
             self.runner.load_state_dict(saved)
+        self._prepare_good(
+            self._save_weights(state.is_world_process_zero), state.is_world_process_zero
+        )
         board = TraceBoard.open(log_dir) if state.is_world_process_zero else None
         outputs = self._outputs(board, log_dir, owns_board=True)
         self._act(self.runner.begin(state.global_step, outputs, log_dir), control, state)
@@ -130,7 +134,7 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
         step = state.global_step
         decision = self.runner.step(step)
         if decision.save_good:
-            self._save_good(step, state.is_world_process_zero)
+            self._rotate_good(step)
         self._act(decision, control, state, store=step == self.runner.last_probe_step)
 
     def on_log(
@@ -170,17 +174,15 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
-    def _save_good(self, step: int, main: bool) -> None:
-        """The good checkpoint: the weights via ``save_pretrained`` (the main process writes)."""
-        model = self._model
-        if model is None:
-            return
+    def _save_weights(self, main: bool) -> Callable[[str], None]:
+        """The good checkpoint's save: the weights via ``save_pretrained`` (the main process
+        writes)."""
 
         def save(path: str) -> None:
-            if main:
-                model.save_pretrained(path)  # type: ignore[operator]
+            if main and self._model is not None:
+                self._model.save_pretrained(path)  # type: ignore[operator]
 
-        self._rotate_good(step, save, main)
+        return save
 
     def _store(self, state: TrainerState) -> None:
         """Our bounded state under ``STATE_KEY``, written with the next checkpoint."""

@@ -48,7 +48,7 @@ class EventLog:
         with open(self.path, "a", encoding="utf-8") as file:
             # A killed writer can leave a fragment without its newline; gluing onto it would
             # make this record unreadable too.
-            prefix = "" if _ends_with_newline_or_is_empty(self.path) else "\n"
+            prefix = "" if ends_with_newline_or_is_empty(self.path) else "\n"
             file.write(prefix + line + "\n")
             file.flush()
             os.fsync(file.fileno())
@@ -101,8 +101,9 @@ class EventLog:
 
 def current_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``records`` in file order, less those a later ``resumed`` record supersedes: the same
-    run's records (or records without a run, from older versions) of steps after the resume's
-    step, written before it. Other runs' records are never dropped.
+    run's records of steps after the resume's step, written before it. Records without a run
+    (written by releases before run ids) count as the resuming run's; records of another run
+    are never dropped.
     """
     kept: list[dict[str, Any]] = []
     for record in records:
@@ -113,7 +114,8 @@ def current_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
-def _ends_with_newline_or_is_empty(path: Path) -> bool:
+def ends_with_newline_or_is_empty(path: Path) -> bool:
+    """Whether an append to ``path`` starts a fresh line (a torn last line does not end in one)."""
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
         if file.tell() == 0:

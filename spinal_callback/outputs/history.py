@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from spinal_callback.outputs.event_log import ends_with_newline_or_is_empty
 from spinal_callback.outputs.sink_guard import SinkGuard
 from spinal_callback.probe.trace import DepthTrace
 
@@ -47,6 +48,8 @@ class TraceHistory:
         self.segment = 0
         self.traces: list[DepthTrace] = []
         self._lines = 0
+        self._since_restart = 0
+        """Lines written for the traces in memory: fewer than them means some stayed inline."""
         self._digest = hashlib.sha256()
         self._guard = SinkGuard(
             f"writing the trace history {self.path or ''}".rstrip(),
@@ -94,17 +97,19 @@ class TraceHistory:
         path = self.path
         if self._guard.run(lambda: _append_line(path, line)):
             self._lines += 1
+            self._since_restart += 1
             self._digest.update(line)
 
     def restart(self) -> None:
         """Forget the traces in memory (a new probe: old traces are not comparable); the file
         keeps them."""
         self.traces = []
+        self._since_restart = 0
 
     def state_dict(self) -> dict[str, Any]:
         """``{"file", "run", "segment", "count", "sha256", "from_line"}`` when the file holds
         every trace of the current segment, else the traces inline."""
-        if self.path is None or self._guard.failing or self._lines < len(self.traces):
+        if self.path is None or self._guard.failing or self._since_restart < len(self.traces):
             return {"traces": [trace.to_dict() for trace in self.traces]}
         return {
             "file": str(self.path),
@@ -123,15 +128,18 @@ class TraceHistory:
             self.traces = [DepthTrace.from_dict(record) for record in records]
             return
         self.traces = []
+        self._since_restart = 0
         self._restored = dict(state)
         if self.path is not None:
             self.open(self.path)
 
 
 def _append_line(path: Path, line: bytes) -> None:
+    """Append ``line``; after a torn last line (a killed writer), on a line of its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists() or ends_with_newline_or_is_empty(path)
     with open(path, "ab") as file:
-        file.write(line)
+        file.write(line if fresh else b"\n" + line)
 
 
 def _find_segment(path: Path, state: dict[str, Any]) -> list[bytes] | None:
@@ -150,7 +158,10 @@ def _find_segment(path: Path, state: dict[str, Any]) -> list[bytes] | None:
                 break
             if run is None:
                 digest.update(line)
-                lines.append(json.dumps({"trace": json.loads(line)}).encode("utf-8"))
+                try:
+                    lines.append(json.dumps({"trace": json.loads(line)}).encode("utf-8"))
+                except ValueError:
+                    return None
                 continue
             record = _record(line)
             if record is not None and (record.get("run"), record.get("segment")) == (run, segment):

@@ -53,15 +53,21 @@ class GoodCheckpoint:
         for target in (self.path, self.candidate, self.path + ".old"):
             check_good_checkpoint_path(target, run_id)
 
-    def rotate(self, step: int) -> int | None:
+    def rotate(self, step: int, agree: Callable[[bool], bool] = bool) -> int | None:
         """Promote the previous candidate to ``path`` and save a new candidate at ``step``;
         returns the promoted candidate's step (``None`` at the first call).
 
+        ``agree`` is the ranks' ``reduce_any``: the main process checks the paths, and every
+        rank then saves (a framework's save may be a collective) or none does.
+
         Raises:
             OSError: from writing or renaming (the caller logs it; training goes on).
-            ValueError: a path of the user's appeared where the good checkpoint goes (nothing is
-                removed).
+            ValueError: a path of the user's appeared where the good checkpoint goes, on any
+                rank (nothing is removed).
         """
+        problem = self._path_in_the_way() if self.is_main else None
+        if agree(problem is not None):
+            raise ValueError(problem or "the main process found a path of the user's in the way")
         promoted = None
         if self.candidate_step is not None and self.is_main:
             self._swap_candidate_in()
@@ -75,6 +81,15 @@ class GoodCheckpoint:
         self.save(self.candidate)
         self.candidate_step = step
         return promoted
+
+    def _path_in_the_way(self) -> str | None:
+        """Why a path rotation would replace is not this run's, or ``None``."""
+        try:
+            for target in (self.path, self.candidate, self.path + ".old"):
+                check_good_checkpoint_path(target, self.run_id)
+        except ValueError as error:
+            return str(error)
+        return None
 
     def _swap_candidate_in(self) -> None:
         """Rename the candidate over ``path``, never leaving neither: the old one goes aside
@@ -150,14 +165,16 @@ def check_keep_good_checkpoint(
         check_good_checkpoint_path(value, "")
 
 
-def rotate_good_checkpoint(good: GoodCheckpoint, step: int) -> int | None:
-    """``good.rotate(step)``, with its failures logged instead of raised: a disk error costs
-    this rotation; a path of the user's in the way ends rotation for the run (nothing of it is
-    removed). Returns the promoted step, if any."""
+def rotate_good_checkpoint(
+    good: GoodCheckpoint, step: int, agree: Callable[[bool], bool] = bool
+) -> int | None:
+    """``good.rotate(step, agree)``, with its failures logged instead of raised: a disk error
+    costs this rotation; a path of the user's in the way ends rotation for the run on every
+    rank (nothing of it is removed). Returns the promoted step, if any."""
     if good.refused is not None:
         return None
     try:
-        return good.rotate(step)
+        return good.rotate(step, agree)
     except OSError as error:
         logger.error(
             "spinal-callback: cannot save the good checkpoint %s (%s); training goes on",

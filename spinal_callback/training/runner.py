@@ -145,7 +145,9 @@ class Runner:
         reference_model: nn.Module | None = None,
     ) -> None:
         """Build the probe (and the reference probe); raise on any bad input (a reference
-        model of another architecture or size: ``model_access.check_reference_model``)."""
+        model of another architecture or size: ``model_access.check_reference_model``). Every
+        rank calls it: the ranks take rank 0's run identity here."""
+        self._set_run_id(distributed.rank_zeros(self._run_id))
         config = self.config
         self._guard = GuardedProbe.build(
             config,
@@ -275,8 +277,7 @@ class Runner:
         Call after ``setup``."""
         guard = self._require_setup()
         state = upgrade_state(state)
-        self._run_id = str(state.get("run") or self._run_id)
-        self._files.run_id = self._history.run_id = self._run_id
+        self._set_run_id(str(state.get("run") or self._run_id))
         schedule = state["schedule"]
         self._last_probe_step = int(schedule["last_probe_step"])
         self._probes_run = int(schedule["probes_run"])
@@ -296,6 +297,9 @@ class Runner:
         if self._guard is None:
             raise RuntimeError("Runner.setup() must run before the training events")
         return self._guard
+
+    def _set_run_id(self, run_id: str) -> None:
+        self._run_id = self._files.run_id = self._history.run_id = run_id
 
     def _reduce(self, flag: bool) -> bool:
         return self.reduce_any(flag)

@@ -61,3 +61,19 @@ def _traces_in(history: Any) -> int:
     if isinstance(history, Mapping):
         return int(history.get("count", 0)) - int(history.get("from_line", 0))
     return 0
+
+
+def saved_state(entries: Any, key: str, legacy_key: str) -> Mapping[str, Any] | None:
+    """The runner's state among a framework's saved callback states (HF's
+    ``TrainerState.stateful_callbacks``): the entry ``key``, else the entry the first releases
+    wrote under the callback's class name, ``legacy_key`` (``{"attributes": {"spinal_state":
+    ...}}``, possibly in a list); ``None`` when there is neither."""
+    if not isinstance(entries, Mapping):
+        return None
+    saved = entries.get(key)
+    if saved is None:
+        legacy = entries.get(legacy_key)
+        if isinstance(legacy, list):
+            legacy = legacy[0] if legacy else None
+        saved = (legacy or {}).get("attributes", {}).get("spinal_state")
+    return saved or None

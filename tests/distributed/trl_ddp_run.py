@@ -102,6 +102,7 @@ def main() -> None:
         "probe_steps": [trace.step for trace in callback.traces],
         "transport_mean": [trace.summary["transport_mean"] for trace in callback.traces],
         "had_board": callback.runner.outputs.board is not None,
+        "run_id": callback.runner.run_id,
         "alerts": [[alert.step, alert.rule] for alert in callback.runner.alerts],
         "global_step": trainer.state.global_step,
     }
