@@ -51,6 +51,7 @@ MOVED_MODULES = {
     "spinal_callback.events": "spinal_callback.outputs.event_log",
     "spinal_callback.tensorboard": "spinal_callback.outputs.tensorboard",
     "spinal_callback.runner": "spinal_callback.training.runner",
+    "spinal_callback.cli": "spinal_callback.tools.cli",
     "spinal_callback.localize": "spinal_callback.tools.localize",
     "spinal_callback.pairs": "spinal_callback.tools.pairs",
     "spinal_callback.tiny": "spinal_callback.demos.tiny",
