@@ -56,3 +56,17 @@ def test_the_flat_layouts_from_imports_keep_working() -> None:
 def test_an_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         spinal_callback.Nope  # noqa: B018
+
+
+def test_the_callbacks_take_config_and_probe_texts_positionally_as_documented() -> None:
+    from spinal_callback.config import SpinalConfig
+    from spinal_callback.integrations.lightning import SpinalCallback
+    from spinal_callback.integrations.transformers import SpinalTrainerCallback
+
+    texts = ["The first probe text.", "The second probe text."]
+    for callback in (
+        SpinalTrainerCallback(SpinalConfig(every_n_steps=7), texts),
+        SpinalCallback(SpinalConfig(every_n_steps=7), texts),
+    ):
+        assert callback.config.every_n_steps == 7
+        assert callback.runner._probe_texts == texts

@@ -15,6 +15,7 @@ Where the scalars go: ``TraceBoard`` charts the whole trace in the ``TensorBoard
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,6 +25,7 @@ from torch import nn
 from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.common import SpinalOptions
 from spinal_callback.monitor.ramp_monitor import scalar_logs
+from spinal_callback.outputs.sinks import AlertHook
 from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.probe.sharding import attach_root
 from spinal_callback.training.stop_ledger import Decision
@@ -42,10 +44,12 @@ class SpinalCallback(SpinalOptions, pl.Callback):
         tokenizer: a tokenizer, or a local directory to load one from; ``None`` uses
             ``pl_module.tokenizer``.
         model_attr: attribute of the ``LightningModule`` holding the policy causal LM.
-        **options: ``SpinalOptions``: ``probe_texts`` (``None``: the ``prompt`` field of the
-            datamodule's or the module's ``train_dataset``), ``neutral_texts``, ``on_alert``,
-            ``log_dir`` (our own writer's directory when the trainer has no
-            ``TensorBoardLogger``; ``None``: ``<default_root_dir>/spinal``), ``every_n_steps``,
+        probe_texts: probe texts (``None``: the ``prompt`` field of the datamodule's or the
+            module's ``train_dataset``).
+        log_dir: our own writer's directory when the trainer has no ``TensorBoardLogger``
+            (``None``: ``<default_root_dir>/spinal``).
+        on_alert: as ``SpinalOptions``.
+        **options: the other ``SpinalOptions``: ``neutral_texts``, ``every_n_steps``,
             ``stop_on``, ``late_layers``, ``event_log``, ``drift_every``,
             ``keep_good_checkpoint`` (a ``.ckpt`` path) and any other ``SpinalConfig`` field.
 
@@ -61,11 +65,16 @@ class SpinalCallback(SpinalOptions, pl.Callback):
     def __init__(
         self,
         config: SpinalConfig | None = None,
+        probe_texts: Sequence[str] | None = None,
         tokenizer: Any = None,
         model_attr: str = "model",
+        log_dir: str | None = None,
+        on_alert: AlertHook | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(config=config, **options)
+        super().__init__(
+            config=config, probe_texts=probe_texts, log_dir=log_dir, on_alert=on_alert, **options
+        )
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self._last_logs_step = -1

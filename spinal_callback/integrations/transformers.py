@@ -16,7 +16,7 @@ summaries are never charted a second time as ``train/spinal/*`` in the trainer's
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -24,7 +24,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.common import SpinalOptions, check_reference_argument
+from spinal_callback.outputs.sinks import AlertHook
 from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.training.state import saved_state
 from spinal_callback.training.stop_ledger import Decision
@@ -68,11 +70,11 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
     """Probe late-layer depth traces during HF/TRL training; alert, and stop on ``stop_on``.
 
     Args:
+        config, probe_texts, log_dir, on_alert: as ``SpinalOptions`` (``log_dir`` ``None``:
+            ``default_log_dir(args)``, ``<output_dir>/runs/spinal`` on transformers 5).
         ref_model: the reference model to trace once as the baseline (TRL's ``ref_model``);
             with a PEFT policy and no ``ref_model`` the adapters-disabled policy is used.
-        **options: ``SpinalOptions``: ``config``, ``probe_texts``, ``neutral_texts``,
-            ``on_alert``, ``log_dir`` (``None``: ``default_log_dir(args)``,
-            ``<output_dir>/runs/spinal`` on transformers 5), ``every_n_steps``, ``stop_on``,
+        **options: the other ``SpinalOptions``: ``neutral_texts``, ``every_n_steps``, ``stop_on``,
             ``late_layers``, ``event_log``, ``drift_every``, ``keep_good_checkpoint`` (a
             directory of ``save_pretrained`` weights; not under DeepSpeed ZeRO-3) and any other
             ``SpinalConfig`` field.
@@ -85,8 +87,19 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
     this object on resume; a second ``train()`` (or another trainer) starts a new run.
     """
 
-    def __init__(self, ref_model: nn.Module | None = None, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        config: SpinalConfig | None = None,
+        probe_texts: Sequence[str] | None = None,
+        log_dir: str | None = None,
+        on_alert: AlertHook | None = None,
+        *,
+        ref_model: nn.Module | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            config=config, probe_texts=probe_texts, log_dir=log_dir, on_alert=on_alert, **options
+        )
         check_reference_argument(ref_model)
         self.ref_model = ref_model
         self._model: nn.Module | None = None
