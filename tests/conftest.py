@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer trained in memory and tiny models built from configs."""
+"""Shared fixtures: a tiny tokenizer trained in memory, tiny models built from configs, DPO
+trainers and set-up runners."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, TrainerCallback
 
+from spinal_callback.config import SpinalConfig
 from spinal_callback.demos.preference_data import make_preference_pairs
 from spinal_callback.demos.tiny import DEFAULT_PROBE_TEXTS, build_tiny_model, build_tiny_tokenizer
 from spinal_callback.probe.spinal_probe import ProbeBatch
+from spinal_callback.training.runner import Runner
 
 
 @pytest.fixture(scope="session")
@@ -94,5 +97,21 @@ def make_dpo_trainer(
             callbacks=[*(extra_callbacks or []), callback],
             peft_config=peft_config,
         )
+
+    return make
+
+
+@pytest.fixture
+def make_runner(
+    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
+) -> Callable[..., Runner]:
+    """A set-up ``Runner`` of ``model`` on the default probe texts, probing every 2 steps unless
+    ``fields`` say otherwise."""
+
+    def make(model: torch.nn.Module, on_alert: Any = None, **fields: Any) -> Runner:
+        config = SpinalConfig(**{"every_n_steps": 2, **fields})
+        runner = Runner(config, probe_texts, on_alert=on_alert)
+        runner.setup(model, tokenizer)
+        return runner
 
     return make

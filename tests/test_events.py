@@ -14,6 +14,7 @@ import pytest
 
 from spinal_callback.monitor.alerts import Alert, AlertLevel
 from spinal_callback.outputs.event_log import RESUMED, EventLog, current_records
+from spinal_callback.training.run_files import resumed_record
 
 FIELDS = {"step", "level", "rule", "metric", "value", "threshold", "layers", "message", "time"}
 
@@ -137,16 +138,8 @@ def test_a_missing_log_reads_as_no_records(tmp_path: Path) -> None:
 
 
 def resumed(step: int, run: str = "r1") -> tuple[Alert, str]:
-    record = Alert(
-        step=step,
-        level="info",
-        rule=RESUMED,
-        metric="spinal/resume",
-        value=float(step),
-        threshold=float("nan"),
-        message="resumed",
-    )
-    return record, run
+    """The record a resume from ``step`` appends, and its run."""
+    return resumed_record(step, []), run
 
 
 def test_a_record_carries_the_run_it_was_written_for(tmp_path: Path) -> None:

@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
-from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.transformers import SpinalTrainerCallback
 from spinal_callback.outputs.event_log import RESUMED, EventLog
 from spinal_callback.outputs.ownership import RunConflictError
@@ -35,18 +34,6 @@ from tests.test_integration_transformers import PoisonWeightsAt
 from tests.test_runner import FakeTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def make_runner(
-    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
-) -> Callable[..., Runner]:
-    def make(model: torch.nn.Module, **fields: Any) -> Runner:
-        runner = Runner(SpinalConfig(**{"every_n_steps": 2, **fields}), probe_texts)
-        runner.setup(model, tokenizer)
-        return runner
-
-    return make
 
 
 def trace_steps(path: Path) -> list[int]:

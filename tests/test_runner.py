@@ -80,19 +80,6 @@ class FakeTrainer:
         self.runner.saved(step, str(self.directory / f"checkpoint-{step}"))
 
 
-@pytest.fixture
-def make_runner(
-    tokenizer: PreTrainedTokenizerFast, probe_texts: list[str]
-) -> Callable[..., Runner]:
-    def make(model: torch.nn.Module, on_alert: Any = None, **fields: Any) -> Runner:
-        config = SpinalConfig(**{"every_n_steps": 2, **fields})
-        runner = Runner(config, probe_texts, on_alert=on_alert)
-        runner.setup(model, tokenizer)
-        return runner
-
-    return make
-
-
 def poison(model: torch.nn.Module) -> None:
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
