@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import time
@@ -132,10 +133,24 @@ class RunSpec:
     probe_every: int = 10
     eval_every: int = 10
     log_every: int = 10
+    recover: bool = False
+    """Run with ``on_critical="recover"`` (``stop_on="critical"``) instead of never stopping."""
+    recover_factor: float = 0.1
+    max_recoveries: int = 3
+    recover_every_rule: bool = False
+    """Recover on every rule, ``recovery.UNRECOVERABLE_RULES`` too (to measure them)."""
+    lora: bool = False
+    """Train LoRA adapters (r=16) instead of every weight."""
 
     @property
     def key(self) -> str:
-        return f"{self.subject.name}/{self.task}/{self.condition}-s{self.seed}-{self.framework}"
+        tail = "-lora" if self.lora else ""
+        if self.recover:
+            tail += f"-recover-f{self.recover_factor:g}-m{self.max_recoveries}"
+            tail += "-all" if self.recover_every_rule else ""
+        return (
+            f"{self.subject.name}/{self.task}/{self.condition}-s{self.seed}-{self.framework}" + tail
+        )
 
 
 @dataclass
@@ -148,6 +163,12 @@ class RunRecord:
     evals: list[dict[str, float]] = field(default_factory=list)
     steps_run: int = 0
     seconds: float = 0.0
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    snapshot_seconds: float = 0.0
+    snapshot_count: int = 0
+    snapshot_bytes: int = 0
+    stop_reason: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=True)
@@ -396,10 +417,22 @@ def overflow_gradients(model: nn.Module, step: int, start: int) -> None:
 def run(spec: RunSpec) -> RunRecord:
     """Train one labeled run and return what it recorded."""
     torch.manual_seed(spec.seed)
+    TIMED_SNAPSHOTS.install()
+    TIMED_SNAPSHOTS.seconds, TIMED_SNAPSHOTS.count = 0.0, 0
+    STOP_MESSAGES.clear()
+    from spinal_callback.training import recovery
+
+    recovery.UNRECOVERABLE_RULES = (
+        frozenset() if spec.recover_every_rule else frozenset({"preference_reversal"})
+    )
+    if not any(isinstance(h, StopMessages) for h in logging.getLogger("spinal_callback").handlers):
+        logging.getLogger("spinal_callback").addHandler(StopMessages(logging.ERROR))
     started = time.perf_counter()
     tokenizer = real_tokenizer(spec.subject) if spec.subject.is_checkpoint else tiny_tokenizer()
     policy = base_model(spec.subject, tokenizer, spec.seed).train()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if spec.lora:
+        policy = lora_model(policy)
     data = run_data(spec)
     outcomes = Outcomes(tokenizer, data, reference)
     driver = run_trl if spec.framework == "trl" else run_lightning
@@ -407,6 +440,14 @@ def run(spec: RunSpec) -> RunRecord:
     driver(spec, policy, reference, tokenizer, data, outcomes, record)
     record.seconds = time.perf_counter() - started
     return record
+
+
+def lora_model(model: nn.Module) -> nn.Module:
+    """``model`` with LoRA adapters (r=16, alpha 32) on every linear layer; the rest frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(model, config)
 
 
 def spec_dict(spec: RunSpec) -> dict[str, Any]:
@@ -424,12 +465,20 @@ def real_tokenizer(subject: Subject) -> Any:
 
 
 def callback_options(spec: RunSpec, data: RunData) -> dict[str, Any]:
-    return {
+    options: dict[str, Any] = {
         "probe_texts": [row["prompt"] for row in data.held_out[:32]],
         "neutral_texts": data.neutral_probe,
         "every_n_steps": spec.probe_every,
         "stop_on": None,
     }
+    if spec.recover:
+        options.update(
+            stop_on="critical",
+            on_critical="recover",
+            recover_lr_factor=spec.recover_factor,
+            max_recoveries=spec.max_recoveries,
+        )
+    return options
 
 
 def beta_of(spec: RunSpec) -> float:
@@ -469,10 +518,60 @@ def record_monitor(spinal: Any) -> RecordingMonitor:
 
 
 def finish(record: RunRecord, spinal: Any, monitor: RecordingMonitor, steps: int) -> None:
-    reference = spinal.runner.reference
+    runner = spinal.runner
+    reference = runner.reference
     record.reference = None if reference is None else reference.to_dict()
     record.events = monitor.events
     record.steps_run = steps
+    record.recoveries = [{**asdict(r), "steps_lost": r.steps_lost} for r in runner.recoveries]
+    record.stopped = runner.stopped
+    if runner.stopped:
+        record.stop_reason = STOP_MESSAGES[0] if STOP_MESSAGES else "stopped"
+    if runner.recovery is not None:
+        record.snapshot_seconds = TIMED_SNAPSHOTS.seconds
+        record.snapshot_count = TIMED_SNAPSHOTS.count
+        record.snapshot_bytes = runner.recovery.snapshot_bytes
+
+
+class SnapshotTimer:
+    """Wall time spent taking recovery snapshots in this process (``Snapshot.take`` wrapped)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        self._installed = False
+
+    def install(self) -> None:
+        from spinal_callback.training import recovery
+
+        if self._installed:
+            return
+        self._installed = True
+        take = recovery.Snapshot.take.__func__  # type: ignore[attr-defined]
+
+        def timed(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return take(cls, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+                self.count += 1
+
+        recovery.Snapshot.take = classmethod(timed)  # type: ignore[method-assign,assignment]
+
+
+TIMED_SNAPSHOTS = SnapshotTimer()
+STOP_MESSAGES: list[str] = []
+"""The stop messages the callback logged in this process (``StopMessages``)."""
+
+
+class StopMessages(logging.Handler):
+    """Keeps the ``spinal_callback`` logger's ERROR lines that announce a stop."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "training stopped" in text:
+            STOP_MESSAGES.append(text)
 
 
 def run_trl(
@@ -505,7 +604,8 @@ def run_trl(
             if state.global_step % spec.eval_every == 0:
                 record.evals.append(outcomes.measure(kwargs["model"], state.global_step))
 
-    optimizer, scheduler = optimizer_and_schedule(spec, policy.parameters())
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_and_schedule(spec, trainable)
     args = DPOConfig(
         output_dir=str(RESULTS / "scratch" / spec.key),
         max_steps=subject.steps,
@@ -558,7 +658,8 @@ def run_lightning(
 
     class Module(DPOModule):
         def configure_optimizers(self) -> Any:
-            optimizer, scheduler = optimizer_and_schedule(spec, self.model.parameters())
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer, scheduler = optimizer_and_schedule(spec, trainable)
             return {
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -231,6 +232,21 @@ def test_hf_ddp_an_alert_on_one_rank_stops_every_rank_at_the_same_step(
     assert [r["global_step"] for r in records] == [4, 4]
     assert [r["probe_steps"] for r in records] == [[0, 4], [0, 4]]
     assert (tmp_path / "checkpoint-4").is_dir()
+
+
+def test_hf_ddp_an_alert_on_rank_one_only_rewinds_every_rank_at_the_same_step(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("trl")
+    options = ("--max-steps", "12", "--poison-rank", "1", "--poison-step", "4", "--recover")
+    records = torchrun("trl_ddp_run.py", tmp_path, *options)
+    assert [r["alerts"] for r in records] == [[], [[4, "non_finite"]]]
+    assert [r["recoveries"] for r in records] == [[[4, 0, 1]]] * WORLD_SIZE
+    assert [r["global_step"] for r in records] == [12, 12]
+    assert [r["probe_steps"] for r in records] == [[0, 4, 8, 12]] * WORLD_SIZE
+    weights = [r["weights"] for r in records]
+    assert weights[0] == weights[1] and all(math.isfinite(w) for w in weights[0])
+    assert records[0]["learning_rate"] == records[1]["learning_rate"]
 
 
 # --- Lightning strategy="ddp" ----------------------------------------------------------------

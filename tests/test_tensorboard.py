@@ -715,7 +715,7 @@ def test_the_layout_puts_the_alerts_first_and_one_chart_per_score_for_every_bloc
     layout = custom_scalar_layout([4, 5, 6, 7])
     assert next(iter(layout)) == "SPINAL alerts"
     (alert_chart, *_) = layout["SPINAL alerts"].values()
-    assert alert_chart == ["Multiline", [rf"^{PREFIX}/alert_level(_max)?$"]]
+    assert alert_chart == ["Multiline", [rf"^{PREFIX}/(alert_level(_max)?|recoveries)$"]]
     charts = layout["SPINAL depth trace (a line per late block)"]
     assert charts["contraction of blocks 4-7"] == ["Multiline", [rf"^{PREFIX}/contraction$"]]
     assert charts["transport from each block to the next, 4->5 to 6->7"] == [

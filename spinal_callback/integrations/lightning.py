@@ -28,13 +28,15 @@ from spinal_callback.monitor.ramp_monitor import scalar_logs
 from spinal_callback.outputs.sinks import AlertHook
 from spinal_callback.outputs.tensorboard import TraceBoard
 from spinal_callback.probe.sharding import attach_root
+from spinal_callback.training.recovery import TrainingState, sharded_engine_reason
 from spinal_callback.training.stop_ledger import Decision
 
 REFERENCE_ATTRIBUTES = ("ref_model", "reference", "reference_model")
 
 
 class SpinalCallback(SpinalOptions, pl.Callback):
-    """Probe late-layer depth traces during Lightning training; alert, and stop on ``stop_on``.
+    """Probe late-layer depth traces during Lightning training; alert, and stop (or recover:
+    ``on_critical="recover"``) on ``stop_on``.
 
     Every argument is typed, so ``LightningCLI`` builds the callback from YAML or from
     ``--trainer.callbacks.every_n_steps=50`` (and ``config`` as a ``SpinalConfig``).
@@ -85,6 +87,10 @@ class SpinalCallback(SpinalOptions, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.config.on_critical == "recover":
+            reason = sharded_engine_reason([type(trainer.strategy).__name__])
+            if reason is not None:
+                raise ValueError(reason)
         loggers = [x.log_dir for x in trainer.loggers if isinstance(x, TensorBoardLogger)]
         if self._start_run([trainer.default_root_dir, self._own_log_dir(trainer), *loggers]):
             self._last_logs_step, self._metrics_seen = -1, {}
@@ -112,6 +118,8 @@ class SpinalCallback(SpinalOptions, pl.Callback):
         outputs = self._outputs(board, log_dir, owned)
         step = trainer.global_step
         self._prepare_good(trainer.save_checkpoint, trainer.is_global_zero)
+        if self.config.on_critical == "recover":
+            self.runner.watch_training(_training_state(trainer, pl_module))
         decision = self.runner.begin(step, outputs, log_dir, _strategy_reduce_any(trainer))
         self._forward_scalars(trainer, step)
         self._act(decision, trainer, step)
@@ -236,6 +244,14 @@ class SpinalCallback(SpinalOptions, pl.Callback):
                 return TraceBoard(logger.experiment), logger.log_dir, False
         log_dir = self._own_log_dir(trainer)
         return TraceBoard.open(log_dir), log_dir, True
+
+
+def _training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingState:
+    """What a recovery restores: the module's trainable parameters, the trainer's optimizers,
+    their schedulers and the precision plugin's gradient scaler (16-mixed)."""
+    schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return TrainingState.of(pl_module, trainer.optimizers, schedulers, [scaler])
 
 
 def _strategy_reduce_any(trainer: pl.Trainer) -> Any:

@@ -28,6 +28,7 @@ from spinal_callback.config import SpinalConfig
 from spinal_callback.integrations.common import SpinalOptions, check_reference_argument
 from spinal_callback.outputs.sinks import AlertHook
 from spinal_callback.outputs.tensorboard import TraceBoard
+from spinal_callback.training.recovery import TrainingState, sharded_engine_reason
 from spinal_callback.training.state import saved_state
 from spinal_callback.training.stop_ledger import Decision
 
@@ -66,8 +67,42 @@ def run_first(trainer: Any, callback: SpinalTrainerCallback) -> None:
     handler.callbacks[:] = [*tensorboard, callback, *rest]
 
 
+def training_state(
+    args: TrainingArguments, model: nn.Module, optimizer: Any, scheduler: Any
+) -> TrainingState:
+    """What a recovery restores in a HF ``Trainer``: the model's trainable parameters, the
+    optimizer (accelerate's wrapper, whose ``scaler`` is the fp16 gradient scaler) and the
+    scheduler.
+
+    Raises:
+        ValueError: DeepSpeed or FSDP (sharded state; ``sharded_engine_reason``), or no
+            optimizer.
+    """
+    engines = [
+        name
+        for name, on in (
+            ("DeepSpeed", getattr(args, "deepspeed", None)),
+            ("DeepSpeed", os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"),
+            ("FSDP", getattr(args, "fsdp", None)),
+            ("FSDP", os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"),
+        )
+        if on
+    ]
+    reason = sharded_engine_reason(engines)
+    if reason is not None:
+        raise ValueError(reason)
+    if optimizer is None:
+        raise ValueError(
+            "on_critical='recover' got no optimizer from the trainer at train begin; it restores "
+            "the optimizer's state, so it needs the trainer's own (pass optimizers=(...) or let "
+            "the Trainer create it)"
+        )
+    return TrainingState.of(model, [optimizer], [scheduler], [getattr(optimizer, "scaler", None)])
+
+
 class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
-    """Probe late-layer depth traces during HF/TRL training; alert, and stop on ``stop_on``.
+    """Probe late-layer depth traces during HF/TRL training; alert, and stop (or recover:
+    ``on_critical="recover"``) on ``stop_on``.
 
     Args:
         config, probe_texts, log_dir, on_alert: as ``SpinalOptions`` (``log_dir`` ``None``:
@@ -125,6 +160,9 @@ class SpinalTrainerCallback(SpinalOptions, TrainerCallback):
         saved = saved_state(state.stateful_callbacks, STATE_KEY, type(self).__name__)
         if state.global_step > 0 and saved:
             self.runner.load_state_dict(saved)
+        if self.config.on_critical == "recover":
+            optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+            self.runner.watch_training(training_state(args, model, optimizer, scheduler))
         self._prepare_good(
             self._save_weights(state.is_world_process_zero), state.is_world_process_zero
         )

@@ -43,6 +43,8 @@ class Alert:
         message: one line a person can act on.
         layers: block indices involved (empty for band-level summaries).
         time: Unix time the alert was raised.
+        details: machine-readable facts of a record (a recovery's step rewound to, steps
+            lost, ...); empty for the rules' alerts, and then left out of ``to_dict``.
     """
 
     step: int
@@ -54,6 +56,7 @@ class Alert:
     message: str
     layers: list[int] = field(default_factory=list)
     time: float = field(default_factory=time.time)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         AlertLevel.parse(self.level)
@@ -64,8 +67,11 @@ class Alert:
 
     def to_dict(self) -> dict[str, Any]:
         """The event-log record: step, level, rule, metric, value, threshold, layers, message,
-        time."""
-        return asdict(self)
+        time, and ``details`` when there are any."""
+        record = asdict(self)
+        if not self.details:
+            del record["details"]
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Alert:

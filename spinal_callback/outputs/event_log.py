@@ -133,7 +133,14 @@ def _step_of(record: dict[str, Any]) -> float:
 
 
 def _finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value
-        for key, value in record.items()
-    }
+    """``record`` with every non-finite float (nested ``details`` too) as ``None``: strict
+    JSON."""
+    return {key: _finite_value(value) for key, value in record.items()}
+
+
+def _finite_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _finite_or_none(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

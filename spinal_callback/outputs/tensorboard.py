@@ -100,7 +100,10 @@ def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str
     layout: dict[str, Any] = {
         "SPINAL alerts": {
             "alert level: at each probe, and the highest so far (0 quiet, 1 info, 2 warning, "
-            "3 critical)": ["Multiline", [rf"^{PREFIX}/alert_level(_max)?$"]],
+            "3 critical); recoveries so far, with on_critical='recover'": [
+                "Multiline",
+                [rf"^{PREFIX}/(alert_level(_max)?|recoveries)$"],
+            ],
             "neutral-text perplexity, multiple of the reference": [
                 "Multiline",
                 [rf"^{PREFIX}/neutral/perplexity_ratio$"],

@@ -83,6 +83,17 @@ class Baseline:
     def score_logs(self, step: int, logs: Mapping[str, Any]) -> list[Alert]:
         return self._monitor.update_logs(step, logs)
 
+    def rules_state(self) -> dict[str, Any]:
+        """The rules' state without the reference (``restore_rules`` takes it back)."""
+        state = self._monitor.state_dict()
+        state.pop("reference", None)
+        return state
+
+    def restore_rules(self, state: Mapping[str, Any]) -> None:
+        """Put the rules back in ``rules_state``'s state; the reference stays as it is."""
+        reference = None if self._reference is None else self._reference.to_dict()
+        self._monitor.load_state_dict({**state, "reference": reference})
+
     def share_lens_tokens(self, probe: SpinalProbe) -> None:
         """A resumed probe takes as many lens tokens as the restored reference's traces record,
         instead of settling anew on the trained model; only for the same probe (fingerprint)."""
@@ -99,8 +110,7 @@ class Baseline:
 
     def state_dict(self) -> dict[str, Any]:
         """The reference (its one copy in a checkpoint) and the rules' state."""
-        monitor = self._monitor.state_dict()
-        monitor.pop("reference", None)
+        monitor = self.rules_state()
         return {
             "version": STATE_VERSION,
             "reference": None if self._reference is None else self._reference.to_dict(),

@@ -3,20 +3,24 @@
 An adapter translates its framework's events into these calls, on every rank at the same points:
 
     runner.setup(model, tokenizer, dataset, reference_model)   # build; bad input raises here
+    runner.watch_training(training_state)                        # on_critical="recover" only
     runner.begin(step, outputs, directory)    -> Decision       # train start (step > 0: resume)
     runner.step(step)                         -> Decision       # after each optimizer step
     runner.logs(step, logs)                   -> Decision       # the trainer's logged scalars
     runner.saved(step, path)                                     # a checkpoint was written
     runner.end(step)                                             # train end
 
-and acts on the ``Decision``: when ``stop`` is true, save a checkpoint and stop. The runner owns
-the schedule, the events and the state; each other job has its own small class: the guarded
-probe (``GuardedProbe``), the reference and the rules (``Baseline``), the stop and its advice
-(``StopLedger``), the run's files (``RunFiles``). See ARCHITECTURE.md.
+and acts on the ``Decision``: when ``stop`` is true, save a checkpoint and stop. With
+``on_critical="recover"`` the runner rewinds the training state itself (``Recovery``) and the
+adapter has nothing to do. The runner owns the schedule, the events and the state; each other
+job has its own small class: the guarded probe (``GuardedProbe``), the reference and the rules
+(``Baseline``), the stop and its advice (``StopLedger``), the good state and the rewinds
+(``Recovery``), the run's files (``RunFiles``). See ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,7 +30,7 @@ from torch import nn
 
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig
-from spinal_callback.monitor.alerts import Alert
+from spinal_callback.monitor.alerts import Alert, AlertLevel
 from spinal_callback.monitor.ramp_monitor import RampMonitor
 from spinal_callback.outputs.history import TraceHistory
 from spinal_callback.outputs.ownership import new_run_id
@@ -37,9 +41,10 @@ from spinal_callback.probe.spinal_probe import SpinalProbe
 from spinal_callback.probe.texts import check_texts
 from spinal_callback.training.baseline import Baseline
 from spinal_callback.training.guarded_probe import GuardedProbe, failures_logged
+from spinal_callback.training.recovery import Recovery, RecoveryReport, TrainingState
 from spinal_callback.training.run_files import RunFiles
 from spinal_callback.training.state import STATE_VERSION, upgrade_state
-from spinal_callback.training.stop_ledger import CONTINUE, Decision, StopLedger
+from spinal_callback.training.stop_ledger import CONTINUE, TOOL_RULES, Decision, StopLedger
 
 logger = logging.getLogger("spinal_callback")
 ReduceAny = Callable[[bool], bool]
@@ -94,6 +99,9 @@ class Runner:
         self._worst_level = 0
         self._begun = False
         self._trouble_anywhere = False
+        self._recovery = Recovery(config) if config.on_critical == "recover" else None
+        self._warned_since_probe = False
+        self._recovered_at = -1
 
     # ---- read-only views for the adapters and the tests -------------------------------------
 
@@ -113,6 +121,12 @@ class Runner:
     stop_requested = property(lambda self: self._ledger.stop_requested)
     stop_checkpoint = property(lambda self: self._ledger.stop_checkpoint)
     first_warning_step = property(lambda self: self._ledger.first_warning_step)
+    recovery = property(lambda self: self._recovery, doc="``None`` unless recovering.")
+
+    @property
+    def recoveries(self) -> list[RecoveryReport]:
+        """This process's recoveries, in order (empty without ``on_critical="recover"``)."""
+        return [] if self._recovery is None else self._recovery.reports
 
     @property
     def probe(self) -> SpinalProbe | None:
@@ -161,6 +175,16 @@ class Runner:
             batch = self._guard.probe.batch
             self._drift = DriftMeter(batch, config.seed + 2, config.autocast_dtype)
 
+    def watch_training(self, training: TrainingState) -> None:
+        """The training state a recovery restores (``on_critical="recover"``; without it this
+        does nothing). Call at train begin, before ``begin``, once the optimizer exists.
+
+        Raises:
+            MemoryError: its two host snapshots would not fit (``Recovery.watch``).
+        """
+        if self._recovery is not None:
+            self._recovery.watch(training)
+
     def begin(
         self,
         step: int,
@@ -192,9 +216,14 @@ class Runner:
                 outputs.board.restore_worst_level(self._worst_level)
         if outputs.board is not None and self._drift is not None:
             outputs.board.chart_drift()
+        if self._recovery is not None:
+            self._pending["spinal/recoveries"] = float(self._recovery.attempts)
+            outputs.scalars(step, {"spinal/recoveries": float(self._recovery.attempts)})
         if step == 0 and self._last_probe_step < 0:
             self._probe(0)
-            return self._ledger.decide(0, self._reduce, outputs)
+            decision = self._decide(0)
+            self._keep_good_state(0, decision, start=True)
+            return decision
         return CONTINUE
 
     def step(self, step: int) -> Decision:
@@ -202,7 +231,8 @@ class Runner:
         if step == self._last_probe_step or step % self.config.every_n_steps != 0:
             return CONTINUE
         self._probe(step)
-        decision = self._ledger.decide(step, self._reduce, self._outputs)
+        decision = self._decide(step)
+        self._keep_good_state(step, decision, start=False)
         if decision.stop or not self.keep_good_checkpoint or self._trouble_anywhere:
             return decision
         trouble = self._ledger.first_warning_step is not None or self.disabled
@@ -210,7 +240,10 @@ class Runner:
         return CONTINUE if self._trouble_anywhere else Decision(save_good=True)
 
     def logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
-        """The trainer's logged scalars (loss, DPO rewards): score them, then decide."""
+        """The trainer's logged scalars (loss, DPO rewards): score them, then decide. Logs up to
+        a recovery's step describe the updates it dropped, and are not scored."""
+        if step <= self._recovered_at:
+            return CONTINUE
         alerts = self._baseline.score_logs(step, logs)
         self._note_levels(alerts)
         self._outputs.level(step, alerts)
@@ -224,7 +257,7 @@ class Runner:
             self._raise(alert)
         if alerts:
             self._outputs.flush()
-        return self._ledger.decide(step, self._reduce, self._outputs)
+        return self._decide(step)
 
     def saved(self, step: int, path: str) -> None:
         """A checkpoint of the run was written at ``step`` to ``path``."""
@@ -239,8 +272,16 @@ class Runner:
         if self._history.traces:
             self._outputs.heatmap(self._history.traces, self.reference, self._alerts)
         level, summary = self._ledger.summary(step, len(self._history), self._alerts)
+        if self.recoveries:
+            lost = sum(report.steps_lost for report in self.recoveries)
+            summary += (
+                f"; {len(self.recoveries)} recoveries ({lost} steps of updates dropped, learning "
+                f"rate x{self.recoveries[-1].lr_scale:.4g})"
+            )
         logger.log(level, "spinal-callback: %s", summary)
         self._outputs.close()
+        if self._recovery is not None:
+            self._recovery.close()
         self.release()
 
     def release(self) -> None:
@@ -270,6 +311,7 @@ class Runner:
             "baseline": self._baseline.state_dict(),
             "ledger": self._ledger.state_dict(),
             "drift": None if self._drift is None else self._drift.state_dict(),
+            "recovery": None if self._recovery is None else self._recovery.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -290,6 +332,8 @@ class Runner:
         if self._drift is not None:
             self._drift.load_state_dict(state.get("drift"))
         self._baseline.share_lens_tokens(guard.probe)
+        if self._recovery is not None and state.get("recovery"):
+            self._recovery.load_state_dict(state["recovery"])
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -303,6 +347,45 @@ class Runner:
 
     def _reduce(self, flag: bool) -> bool:
         return self.reduce_any(flag)
+
+    def _decide(self, step: int) -> Decision:
+        """The stop collective; with recovery, a requested stop tries a recovery first."""
+        if self._recovery is None:
+            return self._ledger.decide(step, self._reduce, self._outputs)
+        return self._ledger.decide(
+            step, self._reduce, self._outputs, lambda cause: self._recover(step, cause)
+        )
+
+    def _recover(self, step: int, cause: Alert | None) -> Decision | str:
+        """Every rank: recover if no rank refuses (``Recovery.refusal``), else say why not."""
+        recovery = self._recovery
+        assert recovery is not None
+        why_not = recovery.refusal(cause)
+        if self._reduce(why_not is not None):
+            return why_not or "another rank could not recover"
+        report, rules = recovery.recover(step, cause)
+        self._baseline.restore_rules(copy.deepcopy(rules))
+        self._ledger.recovered(report.rewound_to)
+        self._recovered_at = step
+        self._warned_since_probe = False
+        record = report.record(self.config.max_recoveries)
+        self._outputs.record(record)
+        logger.warning("spinal-callback: %s", record.message)
+        scalars = {"spinal/recoveries": float(report.attempt)}
+        self._pending.update(scalars)
+        self._outputs.scalars(step, scalars)
+        self._outputs.flush()
+        return Decision(recovered=True, message=record.message)
+
+    def _keep_good_state(self, step: int, decision: Decision, start: bool) -> None:
+        """After a probe's decision (every rank): a quiet probe, where no rank warned since the
+        previous one, keeps a snapshot of the training state (``Recovery.at_probe``)."""
+        if self._recovery is None or decision.stop or decision.recovered:
+            return
+        quiet = not self._reduce(self._warned_since_probe)
+        self._warned_since_probe = False
+        rules = copy.deepcopy(self._baseline.rules_state()) if quiet else {}
+        self._recovery.at_probe(step, quiet, rules, start)
 
     def _probe(self, step: int) -> None:
         """Probe (every rank), score against the reference, record and write."""
@@ -336,6 +419,8 @@ class Runner:
     def _raise(self, alert: Alert) -> None:
         """Record; tell the ledger (first warning, stop request); hand to the sinks."""
         self._alerts.append(alert)
+        if alert.severity >= AlertLevel.WARNING and alert.rule not in TOOL_RULES:
+            self._warned_since_probe = True
         self._ledger.note(alert)
         self._outputs.alert(alert)
 

@@ -36,11 +36,14 @@ class Decision:
         message: why (names the checkpoint to resume from).
         save_good: overwrite the one good checkpoint (``keep_good_checkpoint``): every rank has
             probed and none has warned so far.
+        recovered: the runner has just rewound the training state (``on_critical="recover"``);
+            training goes on from the next batch.
     """
 
     stop: bool = False
     message: str = ""
     save_good: bool = False
+    recovered: bool = False
 
 
 CONTINUE = Decision()
@@ -98,14 +101,33 @@ class StopLedger:
         ):
             self._stop_requested = alert
 
-    def decide(self, step: int, reduce_any: Callable[[bool], bool], outputs: Outputs) -> Decision:
-        """The stop collective (every rank, same events), only when ``stop_on`` is set."""
+    def decide(
+        self,
+        step: int,
+        reduce_any: Callable[[bool], bool],
+        outputs: Outputs,
+        recover: Callable[[Alert | None], Decision | str] | None = None,
+    ) -> Decision:
+        """The stop collective (every rank, same events), only when ``stop_on`` is set.
+
+        With ``recover``, a requested stop first asks it (on every rank, with this rank's
+        cause or ``None``): a ``Decision`` means the run was rewound and goes on (the request is
+        cleared); a string is why it could not be, and the run stops saying so."""
         if self.config.stop_on is None or self._stopped:
             return CONTINUE
         if not reduce_any(self._stop_requested is not None):
             return CONTINUE
+        refused = None
+        if recover is not None:
+            outcome = recover(self._stop_requested)
+            if isinstance(outcome, Decision):
+                self._stop_requested = None
+                return outcome
+            refused = outcome
         self._stopped = True
         message = self._stop_message(step)
+        if refused is not None:
+            message = f"{message} It was not recovered: {refused}."
         self._announce(step, "spinal/stop", message, outputs)
         return Decision(stop=True, message=message)
 
@@ -120,6 +142,13 @@ class StopLedger:
             self._announce(step, "spinal/stop_checkpoint", message, outputs)
         kept = [c for c in self._checkpoints if c[1] != path]
         self._checkpoints = [*kept, (step, path)][-CHECKPOINTS_KEPT:]
+
+    def recovered(self, rewound_to: int) -> None:
+        """The run was rewound to ``rewound_to``: the checkpoints saved after it hold weights the
+        rewind dropped, and the trouble before it is behind the run (the next stop's advice
+        starts from here)."""
+        self._checkpoints = [c for c in self._checkpoints if c[0] <= rewound_to]
+        self._first_warning_step = None
 
     def last_good_checkpoint(self) -> tuple[int, str] | None:
         """The last checkpoint saved before the first warning (any checkpoint if none)."""

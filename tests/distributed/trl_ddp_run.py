@@ -5,6 +5,7 @@ Launched by ``tests/test_distributed.py`` as
 Every rank writes ``OUT_DIR/rank{r}.json``: its rank, the steps it probed, whether it had a
 TensorBoard writer and the final global step. ``--poison-rank R --poison-step S`` fills one late
 weight of rank R's policy with inf at step S, so only that rank raises a critical alert.
+``--recover`` sets ``on_critical="recover"``: every rank must rewind at the same step.
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--poison-rank", type=int, default=None)
     parser.add_argument("--poison-step", type=int, default=3)
+    parser.add_argument("--recover", action="store_true")
     options = parser.parse_args()
 
     tokenizer = build_tiny_tokenizer()
     policy = build_tiny_model("llama", vocab_size=len(tokenizer), layers=4)
     reference = copy.deepcopy(policy)
-    callback = SpinalTrainerCallback(every_n_steps=4, probe_texts=list(DEFAULT_PROBE_TEXTS))
+    recover = {"on_critical": "recover"} if options.recover else {}
+    callback = SpinalTrainerCallback(
+        every_n_steps=4, probe_texts=list(DEFAULT_PROBE_TEXTS), **recover
+    )
     extra = []
     if options.poison_rank is not None:
         extra.append(PoisonWeightsOnRank(options.poison_rank, options.poison_step))
@@ -105,6 +110,9 @@ def main() -> None:
         "run_id": callback.runner.run_id,
         "alerts": [[alert.step, alert.rule] for alert in callback.runner.alerts],
         "global_step": trainer.state.global_step,
+        "recoveries": [[r.step, r.rewound_to, r.attempt] for r in callback.runner.recoveries],
+        "weights": [p.detach().double().sum().item() for p in policy.parameters()],
+        "learning_rate": trainer.optimizer.param_groups[0]["lr"],
     }
     (options.out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     end_distributed_run()
