@@ -54,6 +54,7 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/overhead.py
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split dev --seeds 0 2
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split test
+	PYTHONPATH=. $(BIN)/python -m bench.recovery --split test
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 	PYTHONPATH=. $(BIN)/python -m bench.long_run
 	PYTHONPATH=. $(BIN)/python -m bench.board_growth

@@ -42,6 +42,7 @@ from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer
 from spinal_callback.monitor.ramp_monitor import RampMonitor
 from spinal_callback.probe.texts import DEFAULT_NEUTRAL_TEXTS
 from spinal_callback.tools.pairs import collate_pairs, reply_logp_shifts
+from spinal_callback.training import recovery
 
 RESULTS = Path("bench/results/early_warning")
 EVAL_PAIRS = 64
@@ -418,13 +419,11 @@ def run(spec: RunSpec) -> RunRecord:
     """Train one labeled run and return what it recorded."""
     torch.manual_seed(spec.seed)
     TIMED_SNAPSHOTS.install()
-    TIMED_SNAPSHOTS.seconds, TIMED_SNAPSHOTS.count = 0.0, 0
+    TIMED_SNAPSHOTS.seconds, TIMED_SNAPSHOTS.count, TIMED_SNAPSHOTS.nbytes = 0.0, 0, 0
     STOP_MESSAGES.clear()
-    from spinal_callback.training import recovery
-
-    recovery.UNRECOVERABLE_RULES = (
-        frozenset() if spec.recover_every_rule else frozenset({"preference_reversal"})
-    )
+    recovery.UNRECOVERABLE_RULES.clear()
+    if not spec.recover_every_rule:
+        recovery.UNRECOVERABLE_RULES.update(UNRECOVERABLE_RULES)
     if not any(isinstance(h, StopMessages) for h in logging.getLogger("spinal_callback").handlers):
         logging.getLogger("spinal_callback").addHandler(StopMessages(logging.ERROR))
     started = time.perf_counter()
@@ -510,6 +509,14 @@ def inject_overflow(spec: RunSpec, model: nn.Module, step: int) -> None:
         overflow_gradients(model, step, start)
 
 
+def measure_end(record: RunRecord, outcomes: Outcomes, model: nn.Module, step: int) -> None:
+    """The outcome of the weights the run ends with: after every callback of the last step (a
+    recovery at the last step rewinds after the step's own evaluation), replacing that one."""
+    if record.evals and int(record.evals[-1]["step"]) == step:
+        record.evals.pop()
+    record.evals.append(outcomes.measure(model, step))
+
+
 def record_monitor(spinal: Any) -> RecordingMonitor:
     """Swap the callback's monitor for one that records every input it receives."""
     monitor = RecordingMonitor(spinal.config)
@@ -530,7 +537,7 @@ def finish(record: RunRecord, spinal: Any, monitor: RecordingMonitor, steps: int
     if runner.recovery is not None:
         record.snapshot_seconds = TIMED_SNAPSHOTS.seconds
         record.snapshot_count = TIMED_SNAPSHOTS.count
-        record.snapshot_bytes = runner.recovery.snapshot_bytes
+        record.snapshot_bytes = TIMED_SNAPSHOTS.nbytes
 
 
 class SnapshotTimer:
@@ -539,6 +546,7 @@ class SnapshotTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.count = 0
+        self.nbytes = 0
         self._installed = False
 
     def install(self) -> None:
@@ -551,16 +559,18 @@ class SnapshotTimer:
 
         def timed(cls: Any, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
-            try:
-                return take(cls, *args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-                self.count += 1
+            snapshot = take(cls, *args, **kwargs)
+            self.seconds += time.perf_counter() - started
+            self.count += 1
+            self.nbytes = snapshot.nbytes
+            return snapshot
 
         recovery.Snapshot.take = classmethod(timed)  # type: ignore[method-assign,assignment]
 
 
 TIMED_SNAPSHOTS = SnapshotTimer()
+UNRECOVERABLE_RULES = dict(recovery.UNRECOVERABLE_RULES)
+"""The package's own list, restored before each run (``recover_every_rule`` empties it)."""
 STOP_MESSAGES: list[str] = []
 """The stop messages the callback logged in this process (``StopMessages``)."""
 
@@ -603,6 +613,9 @@ def run_trl(
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % spec.eval_every == 0:
                 record.evals.append(outcomes.measure(kwargs["model"], state.global_step))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            measure_end(record, outcomes, kwargs["model"], state.global_step)
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_schedule(spec, trainable)
@@ -675,6 +688,9 @@ def run_lightning(
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             if trainer.global_step % spec.eval_every == 0:
                 record.evals.append(outcomes.measure(pl_module.model, trainer.global_step))
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            measure_end(record, outcomes, pl_module.model, trainer.global_step)
 
     loader = DataLoader(
         data.train,

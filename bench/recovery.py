@@ -175,6 +175,20 @@ def summary(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def by_first_cause(rows: Sequence[dict[str, Any]]) -> str:
+    """Runs with a recovery, by the rule that triggered the first one: how many ended healthy
+    (which rules a gentler step fixes)."""
+    causes: dict[str, list[bool]] = {}
+    for row in rows:
+        if row["causes"]:
+            rule = row["causes"][0].split(" ")[-1]
+            causes.setdefault(rule, []).append(row["ends_healthy"])
+    parts = [f"{rule} {sum(ends)}/{len(ends)}" for rule, ends in sorted(causes.items())]
+    return "runs ending healthy, by the rule of their first recovery: " + (
+        ", ".join(parts) or "no recovery"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     print()
     print(summary(rows))
+    print(by_first_cause([r for r in rows if r["condition"] != "healthy"]))
     shares = [r["snapshot_share_at_default_cadence"] for r in rows]
     each = [r["snapshot_seconds_each"] for r in rows]
     mib = [r["snapshot_mib"] for r in rows if r["snapshot_mib"] > 0]

@@ -56,8 +56,11 @@ class TrainingLoop:
     """A real loop: AdamW under a warmup ``LambdaLR`` on a language-model loss of fixed batches;
     it runs the runner's events as an adapter does and keeps the weights after every step."""
 
-    def __init__(self, runner: Runner, model: PreTrainedModel, directory: Path) -> None:
+    def __init__(
+        self, runner: Runner, model: PreTrainedModel, directory: Path, log_every: int = 2
+    ) -> None:
         self.runner, self.model, self.directory = runner, model, directory
+        self.log_every = log_every
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / 4)
@@ -78,7 +81,7 @@ class TrainingLoop:
             self.train_step(step)
             self.keep(step)
             decisions.append(self.runner.step(step))
-            if step % 2 == 0 and not decisions[-1].stop:
+            if step % self.log_every == 0 and not decisions[-1].stop:
                 decisions.append(self.runner.logs(step, {"loss": 0.69}))
         self.runner.end(step)
         return decisions
@@ -317,13 +320,23 @@ def test_each_recovery_multiplies_the_rate_again_and_the_last_one_stops_saying_w
     assert "It was not recovered: the 2 recoveries allowed are used up" in decisions[-1].message
 
 
-def test_a_preference_reversal_is_a_data_fault_and_stops_without_a_rewind(
-    llama: PreTrainedModel, make_runner: Callable[..., Runner], tmp_path: Path
+@pytest.mark.parametrize(
+    ("rule", "why"),
+    [("preference_reversal", "a fault of the data"), ("loss_spike", "check the data first")],
+)
+def test_a_rule_a_gentler_step_cannot_fix_stops_without_a_rewind(
+    llama: PreTrainedModel,
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    rule: str,
+    why: str,
 ) -> None:
-    runner = scripted_runner(make_runner, llama, {4: ("critical", "preference_reversal")})
+    runner = scripted_runner(make_runner, llama, {4: ("critical", rule)})
     decisions = TrainingLoop(runner, llama, tmp_path).fit(max_steps=10)
     assert decisions[-1].stop and not runner.recoveries
-    assert "fault of the data" in decisions[-1].message
+    assert (
+        f"It was not recovered: {rule}: " in decisions[-1].message and why in decisions[-1].message
+    )
 
 
 def test_with_no_good_state_yet_the_alert_stops_the_run(
@@ -345,6 +358,63 @@ def test_the_logs_of_the_dropped_steps_are_not_scored(
     assert len(runner.alerts) == before
     runner.logs(8, {"loss": math.nan})
     assert [alert.rule for alert in runner.alerts[before:]] == ["non_finite"]
+
+
+def test_the_first_log_after_a_recovery_averages_dropped_steps_and_is_not_scored(
+    llama: PreTrainedModel, make_runner: Callable[..., Runner], tmp_path: Path
+) -> None:
+    runner = scripted_runner(make_runner, llama, {6: ("critical", "language_drift")})
+    TrainingLoop(runner, llama, tmp_path, log_every=4).fit(max_steps=6)
+    before = len(runner.alerts)
+    assert runner.logs(8, {"loss": math.nan}) == Decision(), "steps 5-8: 5 and 6 were dropped"
+    runner.logs(12, {"loss": math.nan})
+    assert [alert.rule for alert in runner.alerts[before:]] == ["non_finite"]
+
+
+def test_a_recovery_is_not_replaced_by_a_good_checkpoint_rotation(
+    llama: PreTrainedModel, tokenizer: Any, probe_texts: list[str], tmp_path: Path
+) -> None:
+    runner = Runner(
+        SpinalConfig(every_n_steps=2, **RECOVER), probe_texts, keep_good_checkpoint=True
+    )
+    runner.setup(llama, tokenizer)
+    runner.use_monitor(ScriptedMonitor(runner.config, {6: ("critical", "language_drift")}))
+    decisions = TrainingLoop(runner, llama, tmp_path).fit(max_steps=10)
+    steps = [d for d in decisions if d.recovered or d.save_good]
+    assert [(d.recovered, d.save_good) for d in steps] == [(False, True)] * 2 + [(True, False)]
+
+
+@pytest.mark.bad_input
+def test_a_refusal_on_another_rank_refuses_on_this_one_too(
+    llama: PreTrainedModel, tokenizer: Any, probe_texts: list[str]
+) -> None:
+    runner = Runner(SpinalConfig(**RECOVER), probe_texts, reduce_any=lambda flag: True)
+    runner.setup(llama, tokenizer)
+    optimizer = torch.optim.AdamW(llama.parameters())
+    with pytest.raises(RuntimeError, match="refused on another rank"):
+        runner.watch_training(TrainingState.of(llama, [optimizer]))
+
+
+def test_the_factor_survives_a_sequential_warmup_then_cosine_schedule() -> None:
+    def sequential() -> tuple[torch.nn.Module, Any, Any]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / 4)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10, eta_min=0.01)
+        chain = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], [3])
+        return model, optimizer, chain
+
+    model, optimizer, scheduler = sequential()
+    untouched = sequential()
+    snapshot = Snapshot.take(TrainingState.of(model, [optimizer], [scheduler]), 0, 1.0, {})
+    snapshot.restore(TrainingState.of(model, [optimizer], [scheduler]), relative_scale=0.1)
+    for _ in range(12):
+        advance(model, optimizer, scheduler)
+        advance(*untouched)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            0.1 * untouched[1].param_groups[0]["lr"], rel=1e-9
+        )
 
 
 def test_with_recovery_on_and_no_alert_the_weights_are_bit_identical_to_recovery_off(
@@ -452,7 +522,11 @@ def test_snapshots_in_a_directory_rewind_the_same_and_are_removed_at_train_end(
     runner.step = step  # type: ignore[method-assign]
     loop.fit(max_steps=6)
     assert same(llama.parameters(), loop.weights[2]) and runner.recoveries[0].rewound_to == 2
-    assert seen[-1] == ["spinal-recovery-good.rank0.pt", "spinal-recovery-newest.rank0.pt"]
+    run = runner.run_id
+    assert seen[-1] == [
+        f"spinal-recovery-{run}-good.rank0.pt",
+        f"spinal-recovery-{run}-newest.rank0.pt",
+    ]
     assert list(snapshots.iterdir()) == [], "removed at train end"
 
 

@@ -75,8 +75,8 @@ def training_state(
     scheduler.
 
     Raises:
-        ValueError: DeepSpeed or FSDP (sharded state; ``sharded_engine_reason``), or no
-            optimizer.
+        ValueError: DeepSpeed, FSDP or DTensor parameters (sharded state;
+            ``sharded_engine_reason``), or no optimizer (``TrainingState.of``).
     """
     engines = [
         name
@@ -91,12 +91,6 @@ def training_state(
     reason = sharded_engine_reason(engines)
     if reason is not None:
         raise ValueError(reason)
-    if optimizer is None:
-        raise ValueError(
-            "on_critical='recover' got no optimizer from the trainer at train begin; it restores "
-            "the optimizer's state, so it needs the trainer's own (pass optimizers=(...) or let "
-            "the Trainer create it)"
-        )
     return TrainingState.of(model, [optimizer], [scheduler], [getattr(optimizer, "scaler", None)])
 
 

@@ -20,6 +20,7 @@ device-to-host copy of that state at each quiet probe.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import shutil
@@ -36,13 +37,26 @@ from spinal_callback.atomic import replace_atomically
 from spinal_callback.config import SpinalConfig
 from spinal_callback.monitor.alerts import Alert
 
+logger = logging.getLogger("spinal_callback")
 STATE_VERSION = 1
 RECOVERED = "recovered"
-UNRECOVERABLE_RULES = frozenset({"preference_reversal"})
-"""Rules whose cause a gentler step cannot fix: the DPO loss above ln 2 for logs in a row means
-the model is learning the opposite of the labels, a data fault (flipped or noisy labels) that a
-lower learning rate only slows. They stop the run as without recovery (docs/alerts.md gives the
-benchmark's figures)."""
+UNRECOVERABLE_RULES: dict[str, str] = {
+    "preference_reversal": (
+        "the DPO loss stayed above ln 2: the model is learning against its labels (flipped or "
+        "noisy pairs), a fault of the data that a gentler step cannot fix"
+    ),
+    "loss_spike": (
+        "the DPO loss stayed high: the preference signal turned against the model, which on "
+        "the benchmark's dev split a rewind with a lower learning rate never fixed (5 of 5 runs "
+        "still failed); check the data first"
+    ),
+}
+"""Rules whose cause a gentler step cannot fix, and why; they stop the run as without recovery.
+Measured on the benchmark's dev split with recovery allowed on every rule (``python -m
+bench.recovery --split dev --every-rule``): runs whose recovery a ``loss_spike`` or a
+``preference_reversal`` triggered (flipped labels, and a learning-rate step-up on a
+random-initialised model) never ended healthy; those that ``language_drift`` triggered mostly
+did (docs/benchmarks.md)."""
 HOST_MEMORY_SHARE = 0.5
 """The most of the host's available memory the two snapshots may take; more is refused at train
 begin."""
@@ -56,7 +70,8 @@ class TrainingState:
     """What a recovery restores, as the framework holds it.
 
     Attributes:
-        parameters: the trainable parameters (``requires_grad``), any device and dtype.
+        parameters: the trainable parameters (``requires_grad``) at train begin, any device and
+            dtype; a parameter unfrozen later is neither kept nor restored.
         optimizers: ``torch.optim.Optimizer``-like objects (``state_dict``/``load_state_dict``
             and ``param_groups``; accelerate's wrapped optimizer works).
         schedulers: learning-rate schedulers (``state_dict``/``load_state_dict``; ``base_lrs``
@@ -85,9 +100,20 @@ class TrainingState:
                 "on_critical='recover' found no trainable parameter in the model (all have "
                 "requires_grad=False); there is nothing to restore"
             )
+        if any(_is_dtensor(p) for p in parameters):
+            raise ValueError(
+                sharded_engine_reason(["DTensor parameters (tensor or model parallel)"])
+            )
+        present = [o for o in optimizers if o is not None]
+        if not present:
+            raise ValueError(
+                "on_critical='recover' got no optimizer from the trainer at train begin; it "
+                "restores the optimizer's state, so it needs the trainer's own (HF: pass "
+                "optimizers=(...) or let the Trainer create it; Lightning: configure_optimizers)"
+            )
         return cls(
             parameters,
-            [o for o in optimizers if o is not None],
+            present,
             [s for s in schedulers if s is not None],
             [s for s in scalers if s is not None],
         )
@@ -148,7 +174,7 @@ class Snapshot:
             ]
             old_states = reuse.optimizers if reuse is not None else []
             optimizers = [
-                _host_copy(o.state_dict(), old_states[i] if i < len(old_states) else None)
+                _optimizer_copy(o.state_dict(), old_states[i] if i < len(old_states) else None)
                 for i, o in enumerate(training.optimizers)
             ]
             schedulers = [_host_copy(_scheduler(s).state_dict(), None) for s in training.schedulers]
@@ -158,11 +184,6 @@ class Snapshot:
     def restore(self, training: TrainingState, relative_scale: float) -> None:
         """Write this snapshot back into ``training``; then multiply every learning rate the
         optimizers and schedulers hold by ``relative_scale``. Gradients are cleared."""
-        if len(training.parameters) != len(self.parameters):
-            raise RuntimeError(
-                f"the model has {len(training.parameters)} trainable parameters, the snapshot "
-                f"{len(self.parameters)}: trainable parameters changed during training"
-            )
         with torch.no_grad():
             for parameter, saved in zip(training.parameters, self.parameters, strict=True):
                 parameter.copy_(saved)
@@ -237,13 +258,27 @@ def scale_group_rates(groups: Sequence[dict[str, Any]], factor: float) -> None:
                 value.mul_(factor)
 
 
+SCHEDULER_RATES = ("base_lrs", "_last_lr", "min_lrs", "max_lrs", "eta_min")
+"""Rates a scheduler keeps and recomputes from: ``base_lrs`` (``LambdaLR``, cosine, ...),
+``min_lrs`` (``ReduceLROnPlateau``), ``max_lrs`` (``CyclicLR``), ``eta_min`` (cosine floors)."""
+
+
 def scale_scheduler_rates(scheduler: Any, factor: float) -> None:
-    """Multiply the rates a scheduler recomputes from (``base_lrs``) and its last rates by
-    ``factor``, so that its next ``step()`` keeps the factor."""
-    for name in ("base_lrs", "_last_lr", "min_lrs"):
+    """Multiply the rates a scheduler recomputes from (``SCHEDULER_RATES``) by ``factor``, and
+    those of the schedulers it chains (``SequentialLR``, ``ChainedScheduler``), so that every
+    later ``step()`` keeps the factor."""
+    for name in SCHEDULER_RATES:
         rates = getattr(scheduler, name, None)
-        if isinstance(rates, list) and all(isinstance(r, (int, float)) for r in rates):
+        if isinstance(rates, list) and all(_is_rate(r) for r in rates):
             setattr(scheduler, name, [r * factor for r in rates])
+        elif isinstance(rates, (int, float)) and _is_rate(rates):
+            setattr(scheduler, name, rates * factor)
+    for child in getattr(scheduler, "_schedulers", None) or []:
+        scale_scheduler_rates(child, factor)
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -308,6 +343,8 @@ class Recovery:
             None if config.recover_snapshot_dir is None else Path(config.recover_snapshot_dir)
         )
         self._training: TrainingState | None = None
+        self._run_id = "run"
+        self._loaded: Snapshot | None = None
         self._good: Snapshot | StoredSnapshot | None = None
         self._newest: Snapshot | StoredSnapshot | None = None
         self._spare: Snapshot | None = None
@@ -329,16 +366,20 @@ class Recovery:
             return good.path.stat().st_size if good.path.exists() else 0
         return 0 if good is None else good.nbytes
 
-    def watch(self, training: TrainingState) -> None:
+    def watch(self, training: TrainingState, run_id: str = "run") -> None:
         """Take the training state to snapshot and restore; refuse, before any step, two
         snapshots that would not fit in ``HOST_MEMORY_SHARE`` of the host's available memory.
 
         Raises:
-            MemoryError: the estimate does not fit (the message says what to do instead).
+            MemoryError: the estimate, for every rank of this host (``LOCAL_WORLD_SIZE``), does
+                not fit (the message says what to do instead).
             OSError: ``recover_snapshot_dir`` has not room for three copies (two and one being
                 written), or cannot be created.
         """
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         estimate = 2 * training.trainable_bytes() * (1 + 2 * len(training.optimizers))
+        estimate *= max(1, local_ranks)
+        self._run_id = run_id
         if self._directory is not None:
             self._check_disk(estimate)
         else:
@@ -353,14 +394,21 @@ class Recovery:
                 )
         self._training = training
 
-    def at_probe(self, step: int, quiet: bool, rules: dict[str, Any], start: bool) -> None:
+    def at_probe(
+        self,
+        step: int,
+        quiet: bool,
+        rules: dict[str, Any],
+        start: bool,
+        reduce_any: Callable[[bool], bool] = distributed.any_rank,
+    ) -> None:
         """After a probe: a quiet one (no rank warned since the previous probe) makes the newest
         snapshot good and takes a new one; any other drops the newest. ``start``: the untouched
         model of a fresh run, good at once."""
         if self._training is None:
             return
         if self._directory is not None:
-            self._at_probe_on_disk(step, quiet, rules, start)
+            self._at_probe_on_disk(step, quiet, rules, start, reduce_any)
             return
         if not quiet:
             newest = self._newest
@@ -377,19 +425,41 @@ class Recovery:
         else:
             self._newest = snapshot
 
-    def _at_probe_on_disk(self, step: int, quiet: bool, rules: dict[str, Any], start: bool) -> None:
+    def _at_probe_on_disk(
+        self,
+        step: int,
+        quiet: bool,
+        rules: dict[str, Any],
+        start: bool,
+        reduce_any: Callable[[bool], bool],
+    ) -> None:
         """``at_probe`` with the snapshots in ``recover_snapshot_dir``: the newest file is
-        renamed over the good one when a quiet probe vouches for it."""
+        renamed over the good one when a quiet probe vouches for it. A write that fails on any
+        rank drops the newest snapshot on every rank (the ranks keep the same good state)."""
         assert self._training is not None
         good_path, newest_path = self._paths()
         if not quiet:
             self._newest = None
             return
-        if isinstance(self._newest, StoredSnapshot):
-            self._good = self._newest.moved(good_path)
-        target = good_path if start else newest_path
-        stored = StoredSnapshot.write(self._training, step, self._lr_scale, rules, target)
-        if start:
+        stored, error = None, None
+        try:
+            if isinstance(self._newest, StoredSnapshot):
+                self._good = self._newest.moved(good_path)
+            target = good_path if start else newest_path
+            stored = StoredSnapshot.write(self._training, step, self._lr_scale, rules, target)
+        except OSError as caught:
+            error = caught
+            logger.error(
+                "spinal-callback: the recovery snapshot of step %d could not be written to %s "
+                "(%s); the good state stays the one of step %s",
+                step,
+                self._directory,
+                caught,
+                None if self._good is None else self._good.step,
+            )
+        if reduce_any(error is not None) or stored is None:
+            self._newest = None
+        elif start:
             self._good, self._newest = stored, None
         else:
             self._newest = stored
@@ -397,10 +467,11 @@ class Recovery:
     def _paths(self) -> tuple[Path, Path]:
         """This rank's good and newest snapshot files."""
         assert self._directory is not None
+        stem = f"spinal-recovery-{self._run_id}"
         rank = distributed.rank()
         return (
-            self._directory / f"spinal-recovery-good.rank{rank}.pt",
-            self._directory / f"spinal-recovery-newest.rank{rank}.pt",
+            self._directory / f"{stem}-good.rank{rank}.pt",
+            self._directory / f"{stem}-newest.rank{rank}.pt",
         )
 
     def _check_disk(self, estimate: int) -> None:
@@ -415,9 +486,15 @@ class Recovery:
                 f"and {free / 2**30:.2f} GiB are free; point it at a larger disk"
             )
 
+    def forget(self) -> None:
+        """Drop every snapshot: the probe changed and the rules restarted, so a rules' state
+        taken before does not compare with the new reference. The good state is kept anew from
+        the next two quiet probes."""
+        self._good = self._newest = self._loaded = None
+
     def close(self) -> None:
         """Remove this rank's snapshot files (train end); host snapshots are dropped."""
-        self._good = self._newest = self._spare = None
+        self._good = self._newest = self._spare = self._loaded = None
         if self._directory is not None:
             for path in self._paths():
                 path.unlink(missing_ok=True)
@@ -428,14 +505,16 @@ class Recovery:
         if self._training is None:
             return "recovery was not set up (no training state)"
         if cause is not None and cause.rule in UNRECOVERABLE_RULES:
-            return (
-                f"{cause.rule} is a fault of the data (labels the model learns against), which "
-                "a gentler step cannot fix"
-            )
+            return f"{cause.rule}: {UNRECOVERABLE_RULES[cause.rule]}"
         if self._attempts >= self.config.max_recoveries:
             return f"the {self.config.max_recoveries} recoveries allowed are used up"
         if self._good is None:
             return "no good state was kept yet (no quiet probe vouched for one)"
+        if isinstance(self._good, StoredSnapshot):
+            try:
+                self._loaded = self._good.load()
+            except Exception as error:  # an unreadable or unpicklable file refuses alike
+                return f"the good snapshot {self._good.path} could not be read ({error})"
         return None
 
     def recover(self, step: int, cause: Alert | None) -> tuple[RecoveryReport, dict[str, Any]]:
@@ -443,7 +522,9 @@ class Recovery:
         the report and the rules' state the good state was taken with."""
         good, training = self._good, self._training
         assert good is not None and training is not None, "refusal() first"
-        snapshot = good.load() if isinstance(good, StoredSnapshot) else good
+        snapshot = self._loaded if isinstance(good, StoredSnapshot) else good
+        self._loaded = None
+        assert snapshot is not None, "refusal() loads a stored snapshot first"
         scale = self._lr_scale * self.config.recover_lr_factor
         snapshot.restore(training, scale / snapshot.lr_scale)
         self._lr_scale = scale
@@ -490,7 +571,7 @@ def sharded_engine_reason(names: Sequence[str]) -> str | None:
     settings), or ``None``."""
     for name in names:
         lowered = name.lower()
-        if "deepspeed" in lowered or "fsdp" in lowered:
+        if any(word in lowered for word in ("deepspeed", "fsdp", "modelparallel", "dtensor")):
             return (
                 f"on_critical='recover' is not supported under {name}: its parameters and "
                 "optimizer state are sharded across ranks and only the engine's own loading "
@@ -516,6 +597,26 @@ def _copy_into(tensor: Tensor, buffer: Tensor | None) -> Tensor:
     ):
         return buffer.copy_(tensor)
     return tensor.to("cpu", copy=True)
+
+
+def _optimizer_copy(state: Mapping[str, Any], old: Any) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` with its per-parameter state on the host; the param groups
+    are copied as they are (a tensor learning rate stays on its device, as fused and capturable
+    optimizers need)."""
+    previous = old.get("state") if isinstance(old, Mapping) else None
+    return {
+        **{k: copy.deepcopy(v) for k, v in state.items() if k not in ("state", "param_groups")},
+        "state": _host_copy(state["state"], previous),
+        "param_groups": copy.deepcopy(state["param_groups"]),
+    }
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _host_copy(value: Any, old: Any) -> Any:

@@ -102,6 +102,7 @@ class Runner:
         self._recovery = Recovery(config) if config.on_critical == "recover" else None
         self._warned_since_probe = False
         self._recovered_at = -1
+        self._logs_span_recovery = False
 
     # ---- read-only views for the adapters and the tests -------------------------------------
 
@@ -179,11 +180,24 @@ class Runner:
         """The training state a recovery restores (``on_critical="recover"``; without it this
         does nothing). Call at train begin, before ``begin``, once the optimizer exists.
 
+        A collective under several ranks: a refusal on any rank raises on every rank.
+
         Raises:
             MemoryError: its two host snapshots would not fit (``Recovery.watch``).
+            OSError: ``recover_snapshot_dir`` has no room for them.
+            RuntimeError: another rank refused.
         """
-        if self._recovery is not None:
-            self._recovery.watch(training)
+        if self._recovery is None:
+            return
+        refused: Exception | None = None
+        try:
+            self._recovery.watch(training, self._run_id)
+        except (MemoryError, OSError, ValueError) as error:
+            refused = error
+        if self.reduce_any(refused is not None):
+            raise refused or RuntimeError(
+                "on_critical='recover' was refused on another rank (its log says why)"
+            )
 
     def begin(
         self,
@@ -233,7 +247,12 @@ class Runner:
         self._probe(step)
         decision = self._decide(step)
         self._keep_good_state(step, decision, start=False)
-        if decision.stop or not self.keep_good_checkpoint or self._trouble_anywhere:
+        if (
+            decision.stop
+            or decision.recovered
+            or not self.keep_good_checkpoint
+            or self._trouble_anywhere
+        ):
             return decision
         trouble = self._ledger.first_warning_step is not None or self.disabled
         self._trouble_anywhere = self._reduce(trouble)
@@ -242,7 +261,10 @@ class Runner:
     def logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
         """The trainer's logged scalars (loss, DPO rewards): score them, then decide. Logs up to
         a recovery's step describe the updates it dropped, and are not scored."""
-        if step <= self._recovered_at:
+        if step <= self._recovered_at or self._logs_span_recovery:
+            # This log closes the window that held the dropped steps (HF and TRL average
+            # their logs over every step since the previous one).
+            self._logs_span_recovery = False
             return CONTINUE
         alerts = self._baseline.score_logs(step, logs)
         self._note_levels(alerts)
@@ -257,7 +279,10 @@ class Runner:
             self._raise(alert)
         if alerts:
             self._outputs.flush()
-        return self._decide(step)
+        decision = self._decide(step)
+        if decision.recovered:
+            self._logs_span_recovery = False
+        return decision
 
     def saved(self, step: int, path: str) -> None:
         """A checkpoint of the run was written at ``step`` to ``path``."""
@@ -367,6 +392,8 @@ class Runner:
         self._baseline.restore_rules(copy.deepcopy(rules))
         self._ledger.recovered(report.rewound_to)
         self._recovered_at = step
+        self._logs_span_recovery = True
+        self._trouble_anywhere = True
         self._warned_since_probe = False
         record = report.record(self.config.max_recoveries)
         self._outputs.record(record)
@@ -385,7 +412,7 @@ class Runner:
         quiet = not self._reduce(self._warned_since_probe)
         self._warned_since_probe = False
         rules = copy.deepcopy(self._baseline.rules_state()) if quiet else {}
-        self._recovery.at_probe(step, quiet, rules, start)
+        self._recovery.at_probe(step, quiet, rules, start, self._reduce)
 
     def _probe(self, step: int) -> None:
         """Probe (every rank), score against the reference, record and write."""
@@ -399,6 +426,8 @@ class Runner:
             return
         if self._baseline.adopt(trace, lambda: guard.trace_reference(step), self._outputs.note):
             self._history.restart()
+            if self._recovery is not None:
+                self._recovery.forget()
         self._history.append(trace)
         alerts = self._baseline.score(trace)
         self._note_levels(alerts)
