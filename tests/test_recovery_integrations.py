@@ -80,7 +80,14 @@ def test_trl_the_recovery_is_in_the_event_log_and_charted_and_each_probe_step_is
     spinal_dir = tmp_path / "run" / "runs" / "spinal"
     recorded = [r for r in EventLog(spinal_dir / "spinal_events.jsonl").read()]
     assert [r["step"] for r in recorded if r["rule"] == "recovered"] == [6]
-    assert scalar_steps(spinal_dir, "spinal/recoveries") == [(0, 0.0), (6, 1.0)]
+    assert scalar_steps(spinal_dir, "spinal/recoveries") == [
+        (0, 0.0),
+        (2, 0.0),
+        (4, 0.0),
+        (6, 1.0),
+        (8, 1.0),
+        (10, 1.0),
+    ], "a step function, one point per probe"
     probes = [step for step, _ in scalar_steps(spinal_dir, "spinal/alert_level_max")]
     assert probes == sorted(set(probes))
 

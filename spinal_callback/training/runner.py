@@ -230,9 +230,7 @@ class Runner:
                 outputs.board.restore_worst_level(self._worst_level)
         if outputs.board is not None and self._drift is not None:
             outputs.board.chart_drift()
-        if self._recovery is not None:
-            self._pending["spinal/recoveries"] = float(self._recovery.attempts)
-            outputs.scalars(step, {"spinal/recoveries": float(self._recovery.attempts)})
+        self._chart_recoveries(step)
         if step == 0 and self._last_probe_step < 0:
             self._probe(0)
             decision = self._decide(0)
@@ -246,6 +244,8 @@ class Runner:
             return CONTINUE
         self._probe(step)
         decision = self._decide(step)
+        if not decision.recovered:
+            self._chart_recoveries(step)
         self._keep_good_state(step, decision, start=False)
         if (
             decision.stop
@@ -398,11 +398,18 @@ class Runner:
         record = report.record(self.config.max_recoveries)
         self._outputs.record(record)
         logger.warning("spinal-callback: %s", record.message)
-        scalars = {"spinal/recoveries": float(report.attempt)}
-        self._pending.update(scalars)
-        self._outputs.scalars(step, scalars)
+        self._chart_recoveries(step)
         self._outputs.flush()
         return Decision(recovered=True, message=record.message)
+
+    def _chart_recoveries(self, step: int) -> None:
+        """``spinal/recoveries``, the count so far, at train begin, at every probe and at each
+        recovery: a step function that TensorBoard's smoothing soon shows at its true value."""
+        if self._recovery is None:
+            return
+        scalars = {"spinal/recoveries": float(self._recovery.attempts)}
+        self._pending.update(scalars)
+        self._outputs.scalars(step, scalars)
 
     def _keep_good_state(self, step: int, decision: Decision, start: bool) -> None:
         """After a probe's decision (every rank): a quiet probe, where no rank warned since the
