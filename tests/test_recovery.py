@@ -203,19 +203,32 @@ def test_a_new_snapshot_reuses_the_buffers_of_a_dropped_one() -> None:
     assert same(second.parameters, model.parameters())
 
 
-def test_the_learning_rate_factor_survives_a_lambda_schedule_that_recomputes_from_base_lrs() -> (
-    None
-):
-    model, optimizer, scheduler, _ = trained_linear()
-    snapshot = Snapshot.take(TrainingState.of(model, [optimizer], [scheduler]), 3, 1.0, {})
-    untouched = copy.deepcopy((model, optimizer, scheduler))
-    snapshot.restore(TrainingState.of(model, [optimizer], [scheduler]), relative_scale=0.5)
-    for _ in range(5):
+def assert_keeps_the_factor(
+    make: Callable[[], tuple[torch.nn.Module, Any, Any]], factor: float, steps: int
+) -> Any:
+    """Restore a snapshot of a fresh ``make()`` with ``factor``, then step it beside an untouched
+    twin: every rate is ``factor`` times the twin's. Returns the restored scheduler."""
+    model, optimizer, scheduler = make()
+    untouched = make()
+    training = TrainingState.of(model, [optimizer], [scheduler])
+    Snapshot.take(training, 0, 1.0, {}).restore(training, relative_scale=factor)
+    for _ in range(steps):
         advance(model, optimizer, scheduler)
         advance(*untouched)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(
-            0.5 * untouched[1].param_groups[0]["lr"], rel=1e-12
+            factor * untouched[1].param_groups[0]["lr"], rel=1e-9
         )
+    return scheduler
+
+
+def test_the_learning_rate_factor_survives_a_lambda_schedule_that_recomputes_from_base_lrs() -> (
+    None
+):
+    def trained() -> tuple[torch.nn.Module, Any, Any]:
+        torch.manual_seed(0)
+        return trained_linear()[:3]
+
+    scheduler = assert_keeps_the_factor(trained, 0.5, steps=5)
     assert scheduler.base_lrs == [pytest.approx(0.05)]
 
 
@@ -226,16 +239,7 @@ def test_the_learning_rate_factor_survives_one_cycle_which_reads_max_lr_from_the
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         return model, optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, 1.0, 20)
 
-    model, optimizer, scheduler = one_cycle()
-    untouched = one_cycle()
-    snapshot = Snapshot.take(TrainingState.of(model, [optimizer], [scheduler]), 0, 1.0, {})
-    snapshot.restore(TrainingState.of(model, [optimizer], [scheduler]), relative_scale=0.25)
-    for _ in range(8):
-        advance(model, optimizer, scheduler)
-        advance(*untouched)
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(
-            0.25 * untouched[1].param_groups[0]["lr"], rel=1e-9
-        )
+    assert_keeps_the_factor(one_cycle, 0.25, steps=8)
 
 
 # ---- the runner's rewind ------------------------------------------------------------------
@@ -405,16 +409,7 @@ def test_the_factor_survives_a_sequential_warmup_then_cosine_schedule() -> None:
         chain = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], [3])
         return model, optimizer, chain
 
-    model, optimizer, scheduler = sequential()
-    untouched = sequential()
-    snapshot = Snapshot.take(TrainingState.of(model, [optimizer], [scheduler]), 0, 1.0, {})
-    snapshot.restore(TrainingState.of(model, [optimizer], [scheduler]), relative_scale=0.1)
-    for _ in range(12):
-        advance(model, optimizer, scheduler)
-        advance(*untouched)
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(
-            0.1 * untouched[1].param_groups[0]["lr"], rel=1e-9
-        )
+    assert_keeps_the_factor(sequential, 0.1, steps=12)
 
 
 def test_with_recovery_on_and_no_alert_the_weights_are_bit_identical_to_recovery_off(
