@@ -55,6 +55,11 @@ bench: install
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split dev --seeds 0 2
 	PYTHONPATH=. $(BIN)/python bench/early_warning.py --split test
 	PYTHONPATH=. $(BIN)/python -m bench.recovery --split test
+	PYTHONPATH=. $(BIN)/python -m bench.slow_failures --split dev --seeds 0 2
+	PYTHONPATH=. $(BIN)/python -m bench.slow_failures --split test --seeds 0 2
+	PYTHONPATH=. $(BIN)/python -m bench.slow_failures --split test --long --seeds 0
+	PYTHONPATH=. $(BIN)/python -m bench.slow_failures --split test-random --seeds 0 2 \
+		--conditions healthy healthy_slow lr_too_high step_up slow_ramp
 	PYTHONPATH=. $(BIN)/python bench/localize_cost.py
 	PYTHONPATH=. $(BIN)/python -m bench.long_run
 	PYTHONPATH=. $(BIN)/python -m bench.board_growth

@@ -46,6 +46,7 @@ from spinal_callback.training import recovery
 
 RESULTS = Path("bench/results/early_warning")
 EVAL_PAIRS = 64
+CHAT_EVAL_PAIRS = 8
 NEUTRAL_EVAL_TEXTS = 64
 NEUTRAL_PROBE_TEXTS = 16
 
@@ -75,6 +76,13 @@ class Subject:
     path: str | None = None
     steps: int = 150
     batch_size: int = 16
+    eval_floor: int = 1
+    """The finest outcome cadence for this subject (a real model's evaluation is not free)."""
+    lora_rate_scale: float = 1.0
+    """LoRA runs train at this multiple of the rates (LoRA's usual rates are ~10x full FT's)."""
+    max_length: int = 128
+    only_tasks: tuple[str, ...] = ()
+    """The tasks this subject runs in a split (empty: all of the split's)."""
 
     @property
     def is_checkpoint(self) -> bool:
@@ -83,18 +91,36 @@ class Subject:
 
 @dataclass(frozen=True)
 class Condition:
-    """A training setting; ``failing`` says whether it is meant to break the run."""
+    """A training setting; ``failing`` says whether it is meant to break the run.
+
+    Sudden failures (``lr_too_high``, ``step_up``, ``overflow``, ...) break a run within a probe
+    interval. Slow ones (``SLOW_CONDITIONS``) damage it over hundreds of steps; they run
+    ``steps_scale`` times the subject's length with outcomes every ``eval_every`` steps, so that
+    a warning's lead is not rounded to the probe interval.
+    """
 
     name: str
     failing: bool
     schedule: str = "constant"
     """``constant`` (healthy lr), ``high`` (the high lr from step 0), ``warmup`` (linear from 0
-    to the high lr over the run), ``step_up`` (healthy, then the high lr from mid-run)."""
+    to the high lr over the run), ``step_up`` (healthy, then the high lr from mid-run), ``ramp``
+    (linear from the healthy lr at step 0 to the high lr at the last step)."""
     lr_scale: float = 1.0
     beta: float | None = None
     flip_at: float | None = None
     noise: float = 0.0
+    noise_ramp: float = 0.0
+    """Label noise rising linearly from 0 to this share over the first ``NOISE_RAMP`` of the
+    run's rows, then held."""
     overflow_at: float | None = None
+    train_pairs: int | None = None
+    """Distinct training pairs, repeated for as many epochs as the run takes (``None``: fresh
+    pairs at every step)."""
+    length_bias: int = 0
+    """The chosen reply gets a tail of repeated words that grows over the run to this many: the
+    labels reward length and repetition, not the task."""
+    steps_scale: int = 1
+    eval_every: int = 10
 
     def learning_rate(self, subject: Subject, step: int, steps: int) -> float:
         healthy = subject.learning_rate * self.lr_scale
@@ -105,8 +131,14 @@ class Condition:
             return high * min(1.0, step / (0.75 * steps))
         if self.schedule == "step_up":
             return high if step > steps // 2 else healthy
+        if self.schedule == "ramp":
+            return healthy + (high - healthy) * min(1.0, step / steps)
         return healthy
 
+
+SLOW = {"steps_scale": 2, "eval_every": 2}
+NOISE_RAMP = 2 / 3
+LONG = {"steps_scale": 4}
 
 CONDITIONS = {
     c.name: c
@@ -120,8 +152,19 @@ CONDITIONS = {
         Condition("labels_flipped", failing=True, flip_at=0.5),
         Condition("label_noise", failing=True, noise=0.5),
         Condition("overflow", failing=True, overflow_at=0.5),
+        Condition(
+            "over_optimisation", failing=True, lr_scale=5.0, beta=0.02, train_pairs=64, **SLOW
+        ),
+        Condition("slow_ramp", failing=True, schedule="ramp", **SLOW),
+        Condition("rising_noise", failing=True, noise_ramp=0.6, **SLOW),
+        Condition("length_bias", failing=True, length_bias=12, **SLOW),
+        Condition("healthy_long", failing=False, **LONG),
+        Condition("healthy_slow_long", failing=False, lr_scale=0.3, beta=0.3, **LONG),
     )
 }
+SUDDEN_CONDITIONS = tuple(list(CONDITIONS)[:9])
+SLOW_CONDITIONS = ("over_optimisation", "slow_ramp", "rising_noise", "length_bias")
+LONG_CONDITIONS = ("healthy_long", "healthy_slow_long")
 
 
 @dataclass(frozen=True)
@@ -142,6 +185,17 @@ class RunSpec:
     """Recover on every rule, ``recovery.UNRECOVERABLE_RULES`` too (to measure them)."""
     lora: bool = False
     """Train LoRA adapters (r=16) instead of every weight."""
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the run: the subject's, times the condition's ``steps_scale``."""
+        return self.subject.steps * CONDITIONS[self.condition].steps_scale
+
+    @property
+    def outcome_every(self) -> int:
+        """Steps between outcome evaluations: the finer of the spec's and the condition's."""
+        finest = min(self.eval_every, CONDITIONS[self.condition].eval_every)
+        return max(finest, self.subject.eval_floor)
 
     @property
     def key(self) -> str:
@@ -289,24 +343,37 @@ class RunData:
     neutral_eval: list[str]
 
 
-def run_data(spec: RunSpec) -> RunData:
-    """Training rows in the order they are consumed (labels flipped or noised as the condition
-    says), held-out pairs, and two disjoint sets of neutral text: the probe's and the outcome's."""
+def run_data(spec: RunSpec, tokenizer: Any) -> RunData:
+    """Training rows in the order they are consumed (labels flipped or noised, replies biased,
+    as the condition says), held-out pairs, and two disjoint sets of neutral text: the probe's
+    and the outcome's. Task ``chat`` is the real model's chat data (``bench/chat_data.py``)."""
     condition = CONDITIONS[spec.condition]
     subject = spec.subject
-    train, held_out = TASKS[spec.task].split(
-        subject.steps * subject.batch_size, EVAL_PAIRS, spec.seed
-    )
+    rows = spec.steps * subject.batch_size
+    if spec.task == "chat":
+        from bench.chat_data import chat_split
+
+        assert subject.path is not None
+        train, held_out = chat_split(Path(subject.path), tokenizer, CHAT_EVAL_PAIRS, spec.seed)
+        train = train[: condition.train_pairs]
+    else:
+        distinct = condition.train_pairs or rows
+        train, held_out = TASKS[spec.task].split(distinct, EVAL_PAIRS, spec.seed)
+    distinct = len(train)
+    train = [dict(train[index % distinct]) for index in range(rows)]
     rng = random.Random(spec.seed + 55)
     flip_from = (
-        int(condition.flip_at * subject.steps) * subject.batch_size
+        int(condition.flip_at * spec.steps) * subject.batch_size
         if condition.flip_at is not None
         else None
     )
     for index, row in enumerate(train):
         flip = flip_from is not None and index >= flip_from
-        if flip or rng.random() < condition.noise:
+        noise = condition.noise + condition.noise_ramp * min(1.0, index / (NOISE_RAMP * rows))
+        if flip or rng.random() < noise:
             row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        if condition.length_bias:
+            row["chosen"] = lengthened(row["chosen"], condition.length_bias * index // rows)
     if subject.is_checkpoint or not subject.pretrain:
         probe, evaluation = list(DEFAULT_NEUTRAL_TEXTS), list(ENGLISH_EVAL_TEXTS)
     else:
@@ -316,6 +383,15 @@ def run_data(spec: RunSpec) -> RunData:
             pool[NEUTRAL_PROBE_TEXTS:][:NEUTRAL_EVAL_TEXTS],
         )
     return RunData(train, held_out, probe, evaluation)
+
+
+def lengthened(reply: str, words: int) -> str:
+    """``reply`` with its last word repeated ``words`` more times (before a closing ``.``)."""
+    parts = reply.split()
+    if words <= 0 or not parts:
+        return reply
+    end = [parts.pop()] if parts[-1] == "." and len(parts) > 1 else []
+    return " " + " ".join(parts + [parts[-1]] * words + end)
 
 
 ENGLISH_EVAL_TEXTS = (
@@ -360,8 +436,15 @@ ENGLISH_EVAL_TEXTS = (
 class Outcomes:
     """Held-out preference accuracy and neutral-text perplexity against the reference."""
 
-    def __init__(self, tokenizer: Any, data: RunData, reference: nn.Module) -> None:
+    def __init__(
+        self, tokenizer: Any, data: RunData, reference: nn.Module, reply_length: bool = False
+    ) -> None:
         self.batch = collate_pairs(tokenizer, data.held_out)
+        self.tokenizer = tokenizer
+        self.length_prompts = [row["prompt"] for row in data.held_out[:LENGTH_PROMPTS]]
+        self.reference_length = (
+            reply_tokens(reference, tokenizer, self.length_prompts) if reply_length else None
+        )
         self.neutral = pad_texts(tokenizer, data.neutral_eval)
         self.reference = reference
         self.reference_nll = neutral_nll(reference, *self.neutral)
@@ -377,6 +460,11 @@ class Outcomes:
             with torch.no_grad():
                 chosen, rejected = reply_logp_shifts(model, self.reference, self.batch)
                 nll = neutral_nll(model, *self.neutral)
+            length = (
+                None
+                if self.reference_length is None
+                else reply_tokens(model, self.tokenizer, self.length_prompts)
+            )
         finally:
             model.train(was_training)
         margins = chosen - rejected
@@ -389,7 +477,33 @@ class Outcomes:
             else math.nan,
             "neutral_nll": nll,
             "has_language": float(self.has_language),
+            **({} if length is None else {"length_ratio": length / self.reference_length}),
         }
+
+
+LENGTH_PROMPTS = 8
+MAX_REPLY_TOKENS = 16
+
+
+def reply_tokens(model: nn.Module, tokenizer: Any, prompts: list[str]) -> float:
+    """Mean length (tokens, the closing EOS included, at most ``MAX_REPLY_TOKENS``) of the
+    model's greedy replies to ``prompts``, one prompt at a time (no padding to get wrong)."""
+    lengths = []
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=MAX_REPLY_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )[0, ids.shape[1] :].tolist()
+            lengths.append(out.index(eos) + 1 if eos in out else len(out))
+    return sum(lengths) / len(lengths)
 
 
 def neutral_nll(model: nn.Module, ids: Tensor, mask: Tensor) -> float:
@@ -432,8 +546,10 @@ def run(spec: RunSpec) -> RunRecord:
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if spec.lora:
         policy = lora_model(policy)
-    data = run_data(spec)
-    outcomes = Outcomes(tokenizer, data, reference)
+    data = run_data(spec, tokenizer)
+    outcomes = Outcomes(
+        tokenizer, data, reference, reply_length=bool(CONDITIONS[spec.condition].length_bias)
+    )
     driver = run_trl if spec.framework == "trl" else run_lightning
     record = RunRecord(spec=spec_dict(spec))
     driver(spec, policy, reference, tokenizer, data, outcomes, record)
@@ -489,13 +605,15 @@ def lr_lambda(spec: RunSpec) -> Callable[[int], float]:
     """Multiplier of the subject's healthy lr at each optimizer step (for ``LambdaLR``)."""
     condition, subject = CONDITIONS[spec.condition], spec.subject
     return lambda step: (
-        condition.learning_rate(subject, step + 1, subject.steps) / (subject.learning_rate)
+        condition.learning_rate(subject, step + 1, spec.steps) / (subject.learning_rate)
     )
 
 
 def optimizer_and_schedule(spec: RunSpec, parameters: Any) -> tuple[Any, Any]:
-    """AdamW at the subject's healthy lr, scaled every step by the condition's schedule."""
-    optimizer = torch.optim.AdamW(parameters, lr=spec.subject.learning_rate, weight_decay=0.0)
+    """AdamW at the subject's healthy lr (``Subject.lora_rate_scale`` times it for LoRA),
+    scaled every step by the condition's schedule."""
+    rate = spec.subject.learning_rate * (spec.subject.lora_rate_scale if spec.lora else 1.0)
+    optimizer = torch.optim.AdamW(parameters, lr=rate, weight_decay=0.0)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
 
 
@@ -504,7 +622,7 @@ def inject_overflow(spec: RunSpec, model: nn.Module, step: int) -> None:
     condition = CONDITIONS[spec.condition]
     if condition.overflow_at is None:
         return
-    start = int(condition.overflow_at * spec.subject.steps)
+    start = int(condition.overflow_at * spec.steps)
     if step > start:
         overflow_gradients(model, step, start)
 
@@ -611,7 +729,7 @@ def run_trl(
             inject_overflow(spec, kw["model"], state.global_step + 1)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % spec.eval_every == 0:
+            if state.global_step % spec.outcome_every == 0:
                 record.evals.append(outcomes.measure(kwargs["model"], state.global_step))
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -621,10 +739,10 @@ def run_trl(
     optimizer, scheduler = optimizer_and_schedule(spec, trainable)
     args = DPOConfig(
         output_dir=str(RESULTS / "scratch" / spec.key),
-        max_steps=subject.steps,
+        max_steps=spec.steps,
         per_device_train_batch_size=subject.batch_size,
         beta=beta_of(spec),
-        max_length=128,
+        max_length=subject.max_length,
         logging_steps=spec.log_every,
         save_strategy="no",
         report_to=[],
@@ -686,7 +804,7 @@ def run_lightning(
             inject_overflow(spec, pl_module.model, trainer.global_step + 1)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            if trainer.global_step % spec.eval_every == 0:
+            if trainer.global_step % spec.outcome_every == 0:
                 record.evals.append(outcomes.measure(pl_module.model, trainer.global_step))
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -701,7 +819,7 @@ def run_lightning(
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=subject.steps,
+        max_steps=spec.steps,
         gradient_clip_val=1.0,
         log_every_n_steps=spec.log_every,
         default_root_dir=str(RESULTS / "scratch" / spec.key),

@@ -9,21 +9,27 @@ Splits (chosen before any tuning; the defaults of ``SpinalConfig`` were set on `
     dev    llama-4, gpt2-6 and the demo's random-initialised llama-4 x tasks repeat, copy
            (tuned on seeds 0 and 2: ``--split dev --seeds 0 2``)
     test   gpt_neox-6, phi3-4, gemma2-8 x tasks reverse, lengths
-    real   SmolLM2-135M-Instruct (``make real-model``) x task repeat (the recipe's "say:" prompts)
-Every subject x task runs the conditions of ``dpo_runs.CONDITIONS`` with seeds 0 and 1 through
-TRL and seed 2 through Lightning.
+    test-random  random-initialised gpt_neox-6 and phi3-4 (settings of the demo's) x tasks
+           repeat, lengths: the held-out check of the rule for models with no language
+    real   SmolLM2-135M-Instruct (``make real-model``) x task repeat (the recipe's "say:"
+           prompts), and x task chat (``bench/chat_data.py``, its own settings)
+Every subject x task runs the sudden conditions of ``dpo_runs.SUDDEN_CONDITIONS`` with seeds 0
+and 1 through TRL and seed 2 through Lightning (the slow ones: ``bench/slow_failures.py``).
 
-Failure step, from outcomes only (held-out evaluation every 10 steps):
+Failure step, from outcomes only (held-out evaluation every 10 steps; every 2 in slow runs). An
+outcome must hold at every evaluation for ``PERSIST_STEPS`` (two evaluations in a row at the
+10-step cadence):
     - a non-finite evaluation or logged loss/reward;
-    - held-out preference accuracy below ``COLLAPSED`` on two evaluations in a row after it had
-      reached ``LEARNED``; or never above ``COLLAPSED`` in a run whose healthy twin (same subject,
-      task, seed and framework) reached ``LEARNED``: then the failure step is the step the twin got
-      there;
+    - held-out preference accuracy below ``COLLAPSED`` after it had reached ``LEARNED``; or never
+      above ``COLLAPSED`` in a run whose healthy twin (same subject, task, seed and framework)
+      reached ``LEARNED``: then the failure step is the step the twin got there;
     - the language breaking: perplexity of held-out neutral text (of the task's domain, never seen
-      by the probe) above ``PERPLEXITY_MULTIPLE`` times the reference's on two evaluations in a
-      row; it applies where the reference has a language to lose (its neutral-text NLL below
-      half of ln V; not the demo's random-initialised model). A falling chosen log-prob is not a
-      failure (likelihood displacement).
+      by the probe) above ``PERPLEXITY_MULTIPLE`` times the reference's; it applies where the
+      reference has a language to lose (its neutral-text NLL below half of ln V; not the demo's
+      random-initialised model). A falling chosen log-prob is not a failure (likelihood
+      displacement);
+    - where the condition biases length: greedy replies to held-out prompts ``LENGTH_MULTIPLE``
+      times as long as the reference's.
 
     python bench/early_warning.py --split dev            # train what is missing, then score
     python bench/early_warning.py --split test --rescore # score the saved runs only
@@ -32,7 +38,6 @@ Failure step, from outcomes only (held-out evaluation every 10 steps):
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import multiprocessing
@@ -44,7 +49,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.dpo_runs import CONDITIONS, RESULTS, RunRecord, RunSpec, Subject, prepare_base
+from bench.dpo_runs import (
+    RESULTS,
+    SUDDEN_CONDITIONS,
+    RunRecord,
+    RunSpec,
+    Subject,
+    prepare_base,
+)
 from spinal_callback.config import SpinalConfig
 from spinal_callback.monitor.ramp_monitor import RampMonitor
 from spinal_callback.probe.trace import DepthTrace
@@ -52,6 +64,11 @@ from spinal_callback.probe.trace import DepthTrace
 LEARNED = 0.7
 COLLAPSED = 0.6
 PERPLEXITY_MULTIPLE = 2.0
+PERSIST_STEPS = 10
+LENGTH_MULTIPLE = 2.0
+"""Greedy replies to held-out prompts twice as long as the reference's (measured where the
+condition biases length): the model learned to ramble instead of the task."""
+"""How long an outcome must hold to be a failure: one evaluation interval of the sudden runs."""
 SEED_FRAMEWORKS = {0: "trl", 1: "trl", 2: "lightning"}
 HEALTHY = ("healthy", "healthy_slow")
 
@@ -62,11 +79,14 @@ class Split:
     subjects: tuple[Subject, ...]
     tasks: tuple[str, ...]
 
-    def specs(self, conditions: Iterable[str], seeds: Iterable[int]) -> list[RunSpec]:
+    def specs(
+        self, conditions: Iterable[str], seeds: Iterable[int], lora: bool = False
+    ) -> list[RunSpec]:
         return [
-            RunSpec(subject, task, condition, seed, SEED_FRAMEWORKS[seed % 3])
+            RunSpec(subject, task, condition, seed, SEED_FRAMEWORKS[seed % 3], lora=lora)
             for subject in self.subjects
             for task in self.tasks
+            if not subject.only_tasks or task in subject.only_tasks
             for condition in conditions
             for seed in seeds
         ]
@@ -83,6 +103,28 @@ def real_subject() -> Subject:
         path=str(checkpoint_dir()),
         steps=60,
         batch_size=4,
+        only_tasks=("repeat",),
+    )
+
+
+def real_chat_subject() -> Subject:
+    """SmolLM2 on the chat data (``bench/chat_data.py``): healthy full fine-tuning at 1e-5
+    (``healthy_slow``: 3e-6), LoRA at 10x, far too high at 1e-3; batch 2, 30 steps, pairs of
+    64-96 tokens, outcomes at most every 6 steps (a 2-core CPU's budget)."""
+    from recipes.smollm2 import checkpoint_dir
+
+    return Subject(
+        "smollm2-135m-chat",
+        "checkpoint",
+        learning_rate=1e-5,
+        high_learning_rate=1e-3,
+        path=str(checkpoint_dir()),
+        steps=30,
+        batch_size=2,
+        eval_floor=6,
+        lora_rate_scale=10.0,
+        max_length=256,
+        only_tasks=("chat",),
     )
 
 
@@ -113,7 +155,23 @@ SPLITS: dict[str, Callable[[], Split]] = {
         ),
         ("reverse", "lengths"),
     ),
-    "real": lambda: Split("real", (real_subject(),), ("repeat",)),
+    "test-random": lambda: Split(
+        "test-random",
+        tuple(
+            Subject(
+                f"random-{architecture}-{layers}",
+                architecture,
+                layers=layers,
+                learning_rate=3e-3,
+                high_learning_rate=9e-2,
+                beta=0.2,
+                pretrain=False,
+            )
+            for architecture, layers in (("gpt_neox", 6), ("phi3", 4))
+        ),
+        ("repeat", "lengths"),
+    ),
+    "real": lambda: Split("real", (real_subject(), real_chat_subject()), ("repeat", "chat")),
 }
 
 
@@ -172,6 +230,24 @@ def learned_step(record: RunRecord) -> int | None:
     return None
 
 
+def persistent_from(
+    evals: Sequence[dict[str, float]], holds: Callable[[dict[str, float]], bool]
+) -> int | None:
+    """First evaluation step from which ``holds`` is true at every evaluation of the next
+    ``PERSIST_STEPS`` steps, with an evaluation at least ``PERSIST_STEPS`` later (at the
+    benchmark's 10-step cadence: two evaluations in a row; at a 2-step cadence: six)."""
+    steps = [int(e["step"]) for e in evals]
+    for start in steps:
+        window = [
+            e
+            for e, step in zip(evals, steps, strict=True)
+            if start <= step <= start + PERSIST_STEPS
+        ]
+        if steps[-1] >= start + PERSIST_STEPS and all(holds(e) for e in window):
+            return start
+    return None
+
+
 def failure_step(record: RunRecord, twin_learned: int | None) -> int | None:
     """The outcome-defined failure step (module docstring), or ``None``."""
     candidates = []
@@ -188,18 +264,20 @@ def failure_step(record: RunRecord, twin_learned: int | None) -> int | None:
         if not (math.isfinite(evaluation["accuracy"]) and math.isfinite(evaluation["neutral_nll"])):
             candidates.append(int(evaluation["step"]))
             break
-    peak = 0.0
-    for now, following in itertools.pairwise(evals):
-        peak = max(peak, now["accuracy"])
-        if peak >= LEARNED and now["accuracy"] < COLLAPSED and following["accuracy"] < COLLAPSED:
-            candidates.append(int(now["step"]))
-            break
-    for now, following in itertools.pairwise(evals):
-        if not now.get("has_language", 1.0):
-            break
-        if min(now["perplexity_ratio"], following["perplexity_ratio"]) > PERPLEXITY_MULTIPLE:
-            candidates.append(int(now["step"]))
-            break
+    learned_at = learned_step(record)
+    if learned_at is not None:
+        after = [e for e in evals if e["step"] >= learned_at]
+        collapsed = persistent_from(after, lambda e: e["accuracy"] < COLLAPSED)
+        if collapsed is not None:
+            candidates.append(collapsed)
+    if evals and evals[0].get("has_language", 1.0):
+        broken = persistent_from(evals, lambda e: e["perplexity_ratio"] > PERPLEXITY_MULTIPLE)
+        if broken is not None:
+            candidates.append(broken)
+    if evals and "length_ratio" in evals[0]:
+        rambling = persistent_from(evals, lambda e: e["length_ratio"] > LENGTH_MULTIPLE)
+        if rambling is not None:
+            candidates.append(rambling)
     finite_accuracy = [e["accuracy"] for e in evals if math.isfinite(e["accuracy"])]
     if twin_learned is not None and max(finite_accuracy, default=0.0) <= COLLAPSED:
         candidates.append(twin_learned)
@@ -225,7 +303,7 @@ def label(records: Sequence[RunRecord]) -> dict[str, int | None]:
 # ---- detectors ----------------------------------------------------------------------------
 
 
-TRACE_RULES = frozenset({"non_finite", "language_drift", "trace_departure"})
+TRACE_RULES = frozenset({"non_finite", "language_drift", "trace_departure", "task_collapse"})
 LOG_RULES = frozenset({"non_finite", "preference_reversal", "loss_spike"})
 
 
@@ -537,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--split", choices=sorted(SPLITS), default="dev")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", default=list(SUDDEN_CONDITIONS))
     parser.add_argument("--rescore", action="store_true", help="score saved runs, train nothing")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")

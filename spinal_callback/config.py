@@ -117,6 +117,17 @@ class SpinalConfig:
             Critical is off by default: in the benchmark's dev split a critical departure never
             stopped a failing run earlier than ``language_drift`` did, and on the test split it
             stopped two healthy runs whose language was intact.
+        departure_corroborated: a ``trace_departure`` warning is critical when the neutral
+            perplexity is past ``perplexity_warning`` at the same probe (two views of the same
+            text agree). Off by default: on the benchmark's dev split it made 16 of 29 slow
+            failures critical by their failure step instead of 12, but it also stopped 2 of 12
+            healthy-setting runs four times the usual length, whose language was eroding
+            slowly (1.3x perplexity).
+        collapse_warning, collapse_critical: the ``task_collapse`` rule, only on a model that
+            predicts its task prompts no better than chance (a random-initialised one, which
+            the neutral rules cannot watch): the share of the reference's late-layer lens
+            entropy lost, or of its contraction changed, per optimizer step between two probes
+            (``None`` turns a level off).
         reversal_margin: the ``preference_reversal`` rule: two logged DPO losses in a row above
             ``ln 2 * (1 + reversal_margin)`` (ln 2 is every DPO run's step-0 loss) are
             critical; ``None`` turns it off.
@@ -161,6 +172,9 @@ class SpinalConfig:
     perplexity_critical: float | None = 1.6
     departure_warning: float | None = 3.0
     departure_critical: float | None = None
+    departure_corroborated: bool = False
+    collapse_warning: float | None = 0.04
+    collapse_critical: float | None = 0.05
     reversal_margin: float | None = 0.5
     loss_window: int = 10
     loss_spike_z: float | None = 8.0
@@ -209,6 +223,7 @@ class SpinalConfig:
         _check_int("lens_chunk_mib", self.lens_chunk_mib, minimum=1)
         _check_levels("perplexity", self.perplexity_warning, self.perplexity_critical, 1.0)
         _check_levels("departure", self.departure_warning, self.departure_critical, 0.0)
+        _check_levels("collapse", self.collapse_warning, self.collapse_critical, 0.0)
         if self.reversal_margin is not None and not self.reversal_margin >= 0:
             raise ValueError(
                 f"SpinalConfig.reversal_margin must be >= 0 or None, got {self.reversal_margin!r}"

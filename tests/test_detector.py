@@ -171,6 +171,116 @@ def test_departure_has_a_resolution_floor_so_a_still_start_is_not_its_unit() -> 
     assert alerts == []
 
 
+def moved(step: int, factor: float, perplexity: float) -> DepthTrace:
+    """``scaled`` with the neutral perplexity at ``perplexity`` times the reference's."""
+    moved_trace = scaled(step, factor)
+    assert moved_trace.neutral is not None
+    moved_trace.neutral.next_token_nll = REFERENCE_NLL + math.log(perplexity)
+    return moved_trace
+
+
+def test_a_departure_is_critical_when_the_neutral_perplexity_corroborates_it() -> None:
+    watched = monitor(perplexity_warning=1.3, departure_warning=3.0, departure_corroborated=True)
+    alerts = feed(watched, [moved(10, 0.04, 1.0), moved(20, 0.16, 1.1), moved(30, 0.16, 1.35)])
+    departures = [(a.step, a.level) for a in alerts if a.rule == "trace_departure"]
+    assert departures == [(20, "warning"), (30, "critical")]
+    assert [(a.step, a.level) for a in alerts if a.rule == "language_drift"] == [(30, "warning")]
+    critical = next(a for a in alerts if a.level == "critical")
+    assert "both views" in critical.message and critical.threshold == 3.0
+
+
+def test_either_view_alone_is_a_warning_and_corroboration_is_off_by_default() -> None:
+    lone = feed(monitor(departure_corroborated=True), [moved(10, 0.04, 1.0), moved(20, 0.04, 1.4)])
+    assert [(a.rule, a.level) for a in lone] == [("language_drift", "warning")]
+    off = monitor()
+    alerts = feed(off, [moved(10, 0.04, 1.0), moved(20, 0.16, 1.4)])
+    assert sorted((a.rule, a.level) for a in alerts) == [
+        ("language_drift", "warning"),
+        ("trace_departure", "warning"),
+    ]
+
+
+# ---- task_collapse ---------------------------------------------------------------------------
+
+CHANCE_NLL = math.log(VOCAB)
+
+
+def task_trace(
+    step: int, entropy: float, contraction: float = 1.0, nll: float = CHANCE_NLL
+) -> DepthTrace:
+    """A trace whose task group has this mean lens entropy, contraction and NLL (no neutral)."""
+    base = trace(step, neutral=False)
+    base.lens_entropy = torch.full((4,), entropy)
+    base.contraction = torch.full((4,), contraction)
+    base.next_token_nll = nll
+    return base
+
+
+def collapse_monitor(reference_nll: float = CHANCE_NLL) -> RampMonitor:
+    watched = RampMonitor(SpinalConfig(collapse_warning=0.04, collapse_critical=0.05))
+    watched.set_reference(task_trace(0, 6.0, nll=reference_nll))
+    return watched
+
+
+def collapses(alerts: list) -> list[tuple[int, str]]:
+    return [(a.step, a.level) for a in alerts if a.rule == "task_collapse"]
+
+
+def test_a_gradual_fall_of_the_task_entropy_is_learning_and_raises_nothing() -> None:
+    watched = collapse_monitor()
+    steps = [task_trace(10 * i, 6.0 - 0.6 * i) for i in range(1, 9)]
+    assert collapses(feed(watched, steps)) == []
+
+
+def test_losing_most_of_the_task_entropy_within_one_interval_is_critical() -> None:
+    watched = collapse_monitor()
+    alerts = feed(watched, [task_trace(10, 5.9), task_trace(20, 3.4), task_trace(30, 0.1)])
+    assert collapses(alerts) == [(20, "warning"), (30, "critical")]
+    critical = [a for a in alerts if a.rule == "task_collapse"][-1]
+    assert critical.value == pytest.approx(3.3 / 6.0 / 10)
+    assert critical.metric == "spinal/task/collapse_rate"
+
+
+def test_the_rate_is_per_optimizer_step_so_a_coarser_cadence_scores_the_same_pace() -> None:
+    fine, coarse = collapse_monitor(), collapse_monitor()
+    fine_alerts = feed(fine, [task_trace(10, 3.5), task_trace(20, 1.0)])
+    coarse_alerts = feed(coarse, [task_trace(20, 1.0)])
+    assert [a.value for a in fine_alerts] == pytest.approx([2.5 / 60] * 2)
+    assert [a.value for a in coarse_alerts] == pytest.approx([2.5 / 60])
+
+
+def test_contraction_changing_fast_in_either_direction_counts_too() -> None:
+    watched = collapse_monitor()
+    alerts = feed(watched, [task_trace(10, 6.0, contraction=1.6), task_trace(20, 6.0, 1.0)])
+    assert collapses(alerts) == [(10, "critical"), (20, "critical")]
+
+
+def test_a_model_that_predicts_its_task_better_than_chance_is_left_to_the_neutral_rules() -> None:
+    watched = collapse_monitor(reference_nll=0.3 * CHANCE_NLL)
+    assert collapses(feed(watched, [task_trace(10, 0.1)])) == []
+
+
+def test_prompts_of_random_words_at_chance_do_not_make_a_model_with_language_watched() -> None:
+    reference = trace(0)
+    reference.next_token_nll = 2 * CHANCE_NLL
+    watched = RampMonitor(SpinalConfig(collapse_warning=0.04, collapse_critical=0.05))
+    watched.set_reference(reference)
+    collapsed = trace(10)
+    collapsed.lens_entropy = torch.full((4,), 0.01)
+    assert collapses(watched.update(collapsed)) == []
+
+
+def test_the_collapse_rule_resumes_from_its_state_with_the_last_trace() -> None:
+    first = collapse_monitor()
+    feed(first, [task_trace(10, 5.9)])
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = collapse_monitor()
+    resumed.load_state_dict(state)
+    assert collapses(resumed.update(task_trace(20, 1.0))) == [(20, "critical")]
+    assert collapses(collapse_monitor().update(task_trace(20, 1.0))) == [(20, "warning")]
+    assert [a.value for a in resumed.update(task_trace(30, 1.0))] == []
+
+
 # ---- non_finite ------------------------------------------------------------------------------
 
 
@@ -287,7 +397,7 @@ def test_the_first_trace_is_the_reference_when_none_was_set() -> None:
 
 def test_every_default_rule_has_a_distinct_name_and_rules_can_be_chosen() -> None:
     names = [rule.name for rule in DEFAULT_RULES]
-    assert len(set(names)) == len(names) == 5
+    assert len(set(names)) == len(names) == 6
     only = RampMonitor(SpinalConfig(), rules=[NonFinite])
     only.set_reference(trace(0))
     assert only.update(trace(10, nll=REFERENCE_NLL + 5)) == []

@@ -1,6 +1,7 @@
 """The monitor's early-warning rules, one small object each (see ``base.AlertRule``)."""
 
 from spinal_callback.monitor.rules.base import AlertRule, Streak
+from spinal_callback.monitor.rules.collapse import TaskCollapse
 from spinal_callback.monitor.rules.departure import TraceDeparture
 from spinal_callback.monitor.rules.language import LanguageDrift
 from spinal_callback.monitor.rules.loss_spike import LossSpike
@@ -11,6 +12,7 @@ DEFAULT_RULES: tuple[type[AlertRule], ...] = (
     NonFinite,
     LanguageDrift,
     TraceDeparture,
+    TaskCollapse,
     PreferenceReversal,
     LossSpike,
 )
@@ -24,5 +26,6 @@ __all__ = [
     "NonFinite",
     "PreferenceReversal",
     "Streak",
+    "TaskCollapse",
     "TraceDeparture",
 ]

@@ -7,9 +7,9 @@ import math
 import torch
 
 from spinal_callback.config import SpinalConfig
-from spinal_callback.monitor.alerts import Alert
+from spinal_callback.monitor.alerts import Alert, AlertLevel
 from spinal_callback.monitor.rules.base import AlertRule
-from spinal_callback.monitor.rules.language import has_language
+from spinal_callback.monitor.rules.language import has_language, perplexity_ratio
 from spinal_callback.probe.trace import DepthTrace
 
 RESOLUTION = 0.02
@@ -53,6 +53,12 @@ class TraceDeparture(AlertRule):
     run does not train on, a healthy run's trace barely moves after its first steps; damage
     moves it further and faster.
 
+    With ``departure_corroborated`` (off by default), critical when at the same probe the
+    neutral perplexity corroborates it: the departure at ``departure_warning`` or more and the
+    perplexity at ``perplexity_warning`` or more. Two views of the same text, its geometry in
+    the late layers and the model's own predictions, then agree that the language is being
+    damaged.
+
     Silent without a neutral probe, and where the reference has no language (``has_language``):
     a random-initialised model learns the statistics of every text from its preference data, so
     no text is neutral to it (in the benchmark, healthy runs of the demo's random-initialised
@@ -65,10 +71,12 @@ class TraceDeparture(AlertRule):
     def __init__(self, config: SpinalConfig) -> None:
         super().__init__(config)
         self.reference: DepthTrace | None = None
+        self.full_reference: DepthTrace | None = None
         self.pace: float | None = None
 
     def calibrate(self, reference: DepthTrace) -> None:
         self.reference = reference.neutral if has_language(reference) else None
+        self.full_reference = reference
         self.pace = None
 
     def score_trace(self, trace: DepthTrace) -> list[Alert]:
@@ -91,4 +99,23 @@ class TraceDeparture(AlertRule):
         )
         levels = (self.config.departure_warning, self.config.departure_critical)
         metric = "spinal/neutral/departure"
-        return self.leveled_alert(trace.step, metric, multiple, levels, message)
+        alerts = self.leveled_alert(trace.step, metric, multiple, levels, message)
+        if alerts and alerts[0].level == "warning" and self._corroborated(trace):
+            assert self.config.departure_warning is not None
+            message += (
+                f"; the neutral perplexity is past {self.config.perplexity_warning}x too, so "
+                "both views of the text agree"
+            )
+            critical = AlertLevel.CRITICAL
+            threshold = self.config.departure_warning
+            return [self.alert(trace.step, critical, metric, multiple, threshold, message)]
+        return alerts
+
+    def _corroborated(self, trace: DepthTrace) -> bool:
+        """The neutral perplexity at ``perplexity_warning`` or more at this probe too."""
+        warning = self.config.perplexity_warning
+        if not self.config.departure_corroborated or warning is None:
+            return False
+        assert self.full_reference is not None
+        ratio = perplexity_ratio(trace, self.full_reference)
+        return ratio is not None and math.isfinite(ratio) and ratio >= warning

@@ -19,12 +19,19 @@ def has_language(reference: DepthTrace) -> bool:
     """True when the reference predicts its neutral texts clearly better than chance (its NLL is
     below ``LANGUAGE_SHARE`` of ln(vocabulary)); False without a neutral probe."""
     neutral = reference.neutral
-    if neutral is None or neutral.next_token_nll is None:
-        return False
-    nll = neutral.next_token_nll
-    vocabulary = neutral.metadata.get("vocab_size")
+    return neutral is not None and predicts_better_than_chance(neutral) is True
+
+
+def predicts_better_than_chance(trace: DepthTrace) -> bool | None:
+    """Whether the model predicts ``trace``'s own texts clearly better than chance: its
+    next-token NLL below ``LANGUAGE_SHARE`` of ln(vocabulary) (any finite NLL when the
+    vocabulary is unknown). ``None`` when the trace has no finite NLL."""
+    nll = trace.next_token_nll
+    if nll is None or not math.isfinite(nll):
+        return None
+    vocabulary = trace.metadata.get("vocab_size")
     chance = math.log(vocabulary) if isinstance(vocabulary, int) and vocabulary > 1 else None
-    return math.isfinite(nll) and (chance is None or nll < LANGUAGE_SHARE * chance)
+    return chance is None or nll < LANGUAGE_SHARE * chance
 
 
 def perplexity_ratio(trace: DepthTrace, reference: DepthTrace) -> float | None:
