@@ -249,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--long", action="store_true", help="the long healthy runs instead")
     parser.add_argument("--lora", action="store_true", help="LoRA (r=16) runs")
     parser.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
     parser.add_argument("--markdown", action="store_true", help="print the docs' table too")
     parser.add_argument("--conditions", nargs="+", default=None)
     parser.add_argument("--rescore", action="store_true", help="score saved runs, train nothing")
@@ -264,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = split.specs(args.conditions or default, args.seeds, lora=args.lora)
     if args.subjects:
         specs = [spec for spec in specs if spec.subject.name in args.subjects]
+    if args.tasks:
+        specs = [spec for spec in specs if spec.task in args.tasks]
     started = time.perf_counter()
     if not args.rescore:
         train_missing(specs, args.jobs, args.threads)

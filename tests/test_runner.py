@@ -406,10 +406,11 @@ def test_a_restored_runner_goes_on_exactly_as_the_original_would(
     trainer = FakeTrainer(original, llama, tmp_path / "a", losses=losses)
     trainer.fit(max_steps=20)
     state = json.loads(json.dumps(original.state_dict()))
-    restored = make_runner(llama, stop_on=None)
+    twin = copy.deepcopy(llama)
+    restored = make_runner(twin, stop_on=None)
     restored.load_state_dict(state)
-    for runner, directory in ((original, "a"), (restored, "b")):
-        FakeTrainer(runner, llama, tmp_path / directory, losses=losses).fit(max_steps=30, start=20)
+    for runner, model, directory in ((original, llama, "a"), (restored, twin, "b")):
+        FakeTrainer(runner, model, tmp_path / directory, losses=losses).fit(max_steps=30, start=20)
     after = [(a.step, a.rule, a.level) for a in original.alerts if a.step > 20]
     assert after, "the continuation must raise something for the comparison to mean anything"
     assert [(a.step, a.rule, a.level) for a in restored.alerts] == after

@@ -166,5 +166,6 @@ def muted_neutral_rules_note(reference: DepthTrace) -> str | None:
         f"the reference predicts the neutral texts little better than chance (next-token NLL "
         f"{nll:.2f} nats against ln V = {chance}); language_drift and "
         "trace_departure are off for this run. Pass neutral_texts= in the model's language, or "
-        "expect only the log rules and non_finite on a random-initialised model"
+        "expect only the log rules, non_finite and task_collapse (the task prompts' own trace; "
+        "probe every 10-20 steps for it) on a random-initialised model"
     )

@@ -34,7 +34,8 @@ def collapse_rate(trace: DepthTrace, previous: DepthTrace, reference: DepthTrace
         float((trace.contraction.double() - previous.contraction.double()).abs().mean()),
         reference.contraction,
     )
-    return max(entropy, contraction) / steps
+    finite = [share for share in (entropy, contraction) if math.isfinite(share)]
+    return max(finite) / steps if finite else math.nan
 
 
 def _share(change: float, reference: torch.Tensor) -> float:
