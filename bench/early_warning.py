@@ -617,6 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--conditions", nargs="+", default=list(SUDDEN_CONDITIONS))
     parser.add_argument("--rescore", action="store_true", help="score saved runs, train nothing")
+    parser.add_argument("--subjects", nargs="+", default=None, help="only these subjects")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cells", action="store_true", help="print every cell's runs")
@@ -634,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     split = SPLITS[args.split]()
     specs = split.specs(args.conditions, args.seeds)
+    if args.subjects:
+        specs = [spec for spec in specs if spec.subject.name in args.subjects]
     started = time.perf_counter()
     if not args.rescore:
         train_missing(specs, args.jobs, args.threads)

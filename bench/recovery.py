@@ -58,7 +58,8 @@ def specs_for(
 ) -> tuple[list[RunSpec], list[RunSpec]]:
     """The runs with recovery on (failing conditions and healthy twins), and the healthy runs
     without it."""
-    base = SPLITS[split]()
+    # The real model's recovery runs are those of its "say:" prompts, not of the chat data.
+    base = replace(SPLITS[split](), tasks=tuple(t for t in SPLITS[split]().tasks if t != "chat"))
     if lora:
         base = replace(base, subjects=tuple(lora_subject(s) for s in base.subjects))
     plain = base.specs(("healthy",), seeds)

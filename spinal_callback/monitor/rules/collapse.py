@@ -59,8 +59,9 @@ class TaskCollapse(AlertRule):
     It applies only to a reference with no language: one that predicts the neutral texts no
     better than chance (the task prompts, without a neutral probe). Task prompts alone do not
     say: a real model predicts a prompt of random words no better than chance either. On a
-    model with a language the neutral rules watch. Probe often enough to see a collapse (``every_n_steps`` of 10-20): a rate averaged
-    over a long interval dilutes one that happened within a few steps.
+    model with a language the neutral rules watch. Probe often enough to see a collapse
+    (``every_n_steps`` of 10-20): a rate averaged over a long interval dilutes one that
+    happened within a few steps.
     """
 
     name = "task_collapse"
