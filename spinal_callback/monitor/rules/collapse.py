@@ -87,7 +87,7 @@ class TaskCollapse(AlertRule):
         message = (
             f"the task prompts' late-layer trace moved {rate:.1%} of the reference's scale per "
             f"step since step {previous.step}: faster than a healthy run learns. On a model with "
-            "no language this is a collapse (one token predicted everywhere). Lower the learning "
+            "no language this is how a collapse onto a few tokens starts. Lower the learning "
             "rate and resume from a checkpoint saved before this alert"
         )
         levels = (self.config.collapse_warning, self.config.collapse_critical)
