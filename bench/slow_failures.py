@@ -142,6 +142,27 @@ def markdown_slow(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_cells(rows: Sequence[dict[str, Any]]) -> str:
+    """One row per model x task x condition: runs failed, then per signal the runs it warned in
+    time (critical: by the failure step) and their median lead."""
+    signals = (WARNING, CRITICAL, *BASELINES)
+    header = ["model", "task", "condition", "failed", *signals]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["subject"], row["task"], row["condition"]), []).append(row)
+    for (subject, task, condition), group in cells.items():
+        summary = summarise(group)
+        parts = []
+        for signal in signals:
+            part = summary[signal]
+            lead = "" if part["median_lead"] is None else f", lead {part['median_lead']:g}"
+            parts.append(f"{part['in_time']}/{summary['failed']}{lead}")
+        failed = f"{summary['failed']}/{len(group)}"
+        lines.append("| " + " | ".join([subject, task, condition, failed, *parts]) + " |")
+    return "\n".join(lines)
+
+
 def print_slow(rows: Sequence[dict[str, Any]]) -> None:
     """Per condition: runs failed, median failure step, then per signal runs in time and the
     median lead (critical counts at the failure step; the others must come before it)."""
@@ -276,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failing:
         print_slow(failing)
         if args.markdown:
-            print("\n" + markdown_slow(failing))
+            print("\n" + markdown_slow(failing) + "\n\n" + markdown_cells(failing))
     print_healthy(healthy)
     name = "long" if args.long else "slow"
     out = RESULTS / f"{name}-{args.split}{'-lora' if args.lora else ''}.json"

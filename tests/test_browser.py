@@ -1,7 +1,7 @@
 """What a person sees in TensorBoard, checked in a real headless Chromium.
 
-A short TRL run whose learning rate blows it up (the callback stops it with a critical
-``preference_reversal``) is opened in TensorBoard on 127.0.0.1; the test loads the Custom
+A short TRL run whose learning rate blows it up (the callback stops it at the first probe with a
+critical ``task_collapse``: the random-initialised model's task trace collapses) is opened in TensorBoard on 127.0.0.1; the test loads the Custom
 Scalars, Images and Text dashboards and asserts what must be on screen: the charts, one run per
 late block in depth order, the heatmap, the alert and the stop record. It saves a screenshot of
 each dashboard to ``$SPINAL_SCREENSHOTS`` (``make test-browser`` writes them to ``docs/``), else
@@ -43,7 +43,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The runs directory of a recipe run stopped by a critical alert at step 20."""
+    """The runs directory of a recipe run stopped by a critical alert at step 5."""
     output = tmp_path_factory.mktemp("stopped_run")
     command = [
         sys.executable,
@@ -59,7 +59,7 @@ def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy()
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Training stopped at step 20" in done.stdout
+    assert "Training stopped at step 5" in done.stdout
     return output / "runs"
 
 
@@ -155,6 +155,6 @@ def test_the_alert_and_the_stop_with_its_checkpoint_are_in_the_text_tab(
 ) -> None:
     text = shown(browser, f"{tensorboard}/#text&tagFilter=spinal", screenshots / "text.png")
     assert "spinal/alerts" in text
-    assert "critical preference_reversal" in text
-    assert "training stopped at step 20" in text
+    assert "critical task_collapse" in text
+    assert "training stopped at step 5" in text
     assert "checkpoint" in text
