@@ -1,11 +1,12 @@
 """What a person sees in TensorBoard, checked in a real headless Chromium.
 
-A short TRL run whose learning rate blows it up (the callback stops it at the first probe with a
-critical ``task_collapse``: the random-initialised model's task trace collapses) is opened in TensorBoard on 127.0.0.1; the test loads the Custom
-Scalars, Images and Text dashboards and asserts what must be on screen: the charts, one run per
-late block in depth order, the heatmap, the alert and the stop record. It saves a screenshot of
-each dashboard to ``$SPINAL_SCREENSHOTS`` (``make test-browser`` writes them to ``docs/``), else
-to pytest's temporary directory.
+A short TRL run whose learning rate blows it up (the callback stops it at the first probe with
+a critical ``task_collapse``: the random-initialised model's task trace collapses) is opened in
+TensorBoard on 127.0.0.1; the test loads the Custom Scalars, Images and Text dashboards and
+asserts what must be on screen: the charts, one run per late block in depth order, the heatmap,
+the alert and the stop record. It saves a screenshot of each dashboard to
+``$SPINAL_SCREENSHOTS`` (``make test-browser`` writes them to ``docs/``), else to pytest's
+temporary directory.
 
 Skipped when Chromium, its driver or selenium are absent (``apt-get install chromium
 chromium-driver``; selenium is in the test extras).
