@@ -92,6 +92,20 @@ class Split:
         ]
 
 
+def random_init_subject(name: str, architecture: str, layers: int) -> Subject:
+    """A tiny random-initialised model at the demo's settings (lr 3e-3, far too high 9e-2,
+    beta 0.2): no language to lose, so only the log rules and ``task_collapse`` watch it."""
+    return Subject(
+        name,
+        architecture,
+        layers=layers,
+        learning_rate=3e-3,
+        high_learning_rate=9e-2,
+        beta=0.2,
+        pretrain=False,
+    )
+
+
 def real_subject() -> Subject:
     from recipes.smollm2 import checkpoint_dir
 
@@ -134,15 +148,7 @@ SPLITS: dict[str, Callable[[], Split]] = {
         (
             Subject("llama-4", "llama", layers=4),
             Subject("gpt2-6", "gpt2", layers=6),
-            Subject(
-                "demo-llama-4",
-                "llama",
-                layers=4,
-                learning_rate=3e-3,
-                high_learning_rate=9e-2,
-                beta=0.2,
-                pretrain=False,
-            ),
+            random_init_subject("demo-llama-4", "llama", 4),
         ),
         ("repeat", "copy"),
     ),
@@ -158,15 +164,7 @@ SPLITS: dict[str, Callable[[], Split]] = {
     "test-random": lambda: Split(
         "test-random",
         tuple(
-            Subject(
-                f"random-{architecture}-{layers}",
-                architecture,
-                layers=layers,
-                learning_rate=3e-3,
-                high_learning_rate=9e-2,
-                beta=0.2,
-                pretrain=False,
-            )
+            random_init_subject(f"random-{architecture}-{layers}", architecture, layers)
             for architecture, layers in (("gpt_neox", 6), ("phi3", 4))
         ),
         ("repeat", "lengths"),
