@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := spinal_callback tests bench recipes
 
-.PHONY: install lint test test-dist test-browser demo bench real-model clean
+.PHONY: install lint test test-dist test-browser screenshots demo bench real-model clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,14 @@ test-dist: install
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,deepspeed]"
 	$(BIN)/pytest tests/test_distributed.py tests/test_engines_*.py
 
-# What a person sees in TensorBoard, in headless Chromium (Debian: apt-get install chromium
-# chromium-driver); the screenshots go to docs/, where the README shows them.
+# What a person sees in TensorBoard (the SPINAL tab and the standard dashboards), in headless
+# Chromium (Debian: apt-get install chromium chromium-driver); screenshots go to a temporary
+# folder. `make screenshots` runs the same tests and writes them to docs/, where the README and
+# docs/tensorboard.md show them (with `make real-model` first, for the real model's).
 test-browser: install
+	$(BIN)/pytest tests/test_browser.py
+
+screenshots: install
 	SPINAL_SCREENSHOTS=docs $(BIN)/pytest tests/test_browser.py
 
 demo: install

@@ -22,6 +22,7 @@ MAY_IMPORT = {
     **{layer: {other for other, rank in RANK.items() if rank <= RANK[layer]} for layer in RANK},
     "demos": {"config", "atomic", "distributed", "probe", "demos"},
     "tools": {"config", "atomic", "distributed", "probe", "monitor", "outputs", "demos", "tools"},
+    "board": {layer for layer, rank in RANK.items() if rank <= RANK["training"]} | {"board"},
 }
 
 

@@ -276,7 +276,7 @@ def test_following_the_stop_advice_keeps_the_stop_on_record(
     texts.Reload()
     shown = [
         event.tensor_proto.string_val[0].decode()
-        for event in texts.Tensors("spinal/alerts")
+        for event in texts.Tensors("alerts/spinal")
         if event.step == 6
     ]
     assert any("`resumed`" in text and "training_stopped at step 8" in text for text in shown)

@@ -143,6 +143,36 @@ def test_after_a_stop_the_saved_checkpoint_and_the_one_to_resume_from_are_report
     assert f"the stop's checkpoint: {tmp_path / 'checkpoint-10'}" in summary.getMessage()
 
 
+def test_the_stop_records_hold_its_facts_for_the_spinal_tab_and_the_console_points_to_it(
+    llama: PreTrainedModel,
+    make_runner: Callable[..., Runner],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = make_runner(llama)
+    trainer = FakeTrainer(runner, llama, tmp_path, losses=lambda s: math.nan if s >= 10 else 0.6)
+    with caplog.at_level(logging.INFO, logger="spinal_callback"):
+        trainer.fit(max_steps=20)
+    stop, saved = EventLog(tmp_path / "events.jsonl").read()[-2:]
+    assert stop["details"] == {
+        "cause_rule": "non_finite",
+        "cause_level": "critical",
+        "cause_step": 10,
+        "first_warning_step": 10,
+        "resume_from": str(tmp_path / "checkpoint-8"),
+        "resume_step": 8,
+        "advice": f"Resume from {tmp_path / 'checkpoint-8'} (step 8), the last checkpoint "
+        "saved before the first warning (step 10).",
+    }
+    assert saved["details"]["checkpoint"] == str(tmp_path / "checkpoint-10")
+    assert saved["details"]["checkpoint_step"] == 10
+    assert "by the critical non_finite alert of step 10." in stop["message"]
+    assert "overflowed" not in stop["message"]  # the cause's own message is not repeated
+    reference = json.loads((tmp_path / "spinal_reference.json").read_text())
+    assert reference["run"] == runner.run_id and reference["trace"]["step"] == 0
+    assert reference["event_log"] == str((tmp_path / "events.jsonl").resolve())
+
+
 def test_a_quiet_run_ends_with_an_info_summary(
     llama: PreTrainedModel,
     make_runner: Callable[..., Runner],

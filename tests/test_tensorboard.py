@@ -655,7 +655,7 @@ def test_every_alert_of_a_step_shows_in_the_text_tab_not_only_the_last(tmp_path:
     board.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
-    shown = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("spinal/alerts")}
+    shown = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("alerts/spinal")}
     assert "trace overflowed" in shown[6] and "training stopped at step 6" in shown[6]
     assert "logs overflowed" in shown[6] and shown[4].count("overflowed") == 1
 
@@ -708,7 +708,7 @@ def test_alerts_and_notes_show_under_their_plain_tags_in_the_text_tab(tmp_path: 
     board.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
-    assert {f"{PREFIX}/alerts", f"{PREFIX}/notes"} <= set(events.Tags()["tensors"])
+    assert {"alerts/spinal", f"{PREFIX}/notes"} <= set(events.Tags()["tensors"])
 
 
 def test_the_layout_puts_the_alerts_first_and_one_chart_per_score_for_every_block() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from spinal_callback import distributed
 from spinal_callback.config import SpinalConfig, StopLevel
 from spinal_callback.monitor.alerts import Alert
-from spinal_callback.outputs.event_log import EventLog
+from spinal_callback.outputs.event_log import DEFAULT_NAME, EventLog
 from spinal_callback.outputs.sinks import AlertHook, Outputs
 from spinal_callback.probe.trace import DepthTrace
 from spinal_callback.training.good_checkpoint import (
@@ -163,7 +163,7 @@ def rank_event_log(config: SpinalConfig, log_dir: str) -> EventLog:
     """``config.event_log`` (else ``<log_dir>/spinal_events.jsonl``) on rank 0, and
     ``<stem>.rank<k>.jsonl`` beside it on rank ``k``, so an alert raised on one rank only is on
     disk too."""
-    main_log = os.fspath(config.event_log or os.path.join(log_dir, "spinal_events.jsonl"))
+    main_log = os.fspath(config.event_log or os.path.join(log_dir, DEFAULT_NAME))
     rank = distributed.rank()
     if rank == 0:
         return EventLog(main_log)

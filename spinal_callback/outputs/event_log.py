@@ -15,6 +15,8 @@ from spinal_callback.monitor.alerts import Alert
 
 logger = logging.getLogger(__name__)
 RESUMED = "resumed"
+DEFAULT_NAME = "spinal_events.jsonl"
+"""The event log's file name in the run's log dir when ``event_log`` is not set."""
 """The rule of the record a resume appends (``current_records``)."""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from spinal_callback.monitor.alerts import Alert, AlertLevel
 from spinal_callback.outputs.event_log import EventLog
 from spinal_callback.outputs.sink_guard import SinkGuard
+from spinal_callback.outputs.tensorboard import views_hint
 from spinal_callback.probe.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
@@ -97,6 +98,18 @@ class Outputs:
             self._log_guard.run(lambda: event_log.append(alert, self.run_id), OSError)
         if self.board is not None:
             self.board.write_alert_text(alert)
+
+    def stopped(self, step: int, level: int) -> None:
+        """The stop's ``spinal/stopped`` point, and the console's pointer to the views that show
+        it."""
+        if self.board is not None:
+            self.board.write_stop(step, level)
+            logger.error("spinal-callback: %s", views_hint(self.board.log_dir, stopped=True))
+
+    def point_to_views(self) -> None:
+        """At train begin: the console line that says where TensorBoard shows the run."""
+        if self.board is not None:
+            logger.warning("spinal-callback: %s", views_hint(self.board.log_dir))
 
     def trace(
         self, trace: DepthTrace, reference: DepthTrace | None, alerts: Sequence[Alert]

@@ -15,8 +15,14 @@ lists them in name order, so every late block is its own colour, the same in eve
                                         2 warning, 3 critical)
     spinal/alert_level_max              the highest level so far (a step that stays up, so that
                                         TensorBoard's outlier clipping and smoothing cannot hide it)
+    spinal/stopped                      the level of the alert that stopped the run, one point at
+                                        the stop's step: a single point is drawn at its logged
+                                        value whatever the smoothing and outlier settings
     spinal/depth_trace (image)          layer x probe-step heatmaps of both scores
-    spinal/alerts, spinal/notes (text)  every alert and note of a step, under these plain tags
+    alerts/spinal, spinal/notes (text)  every alert (and stop and recovery record) and note of a
+                                        step, under these plain tags; the alerts' category,
+                                        ``alerts``, sorts before the trainers' ``args`` text, so the
+                                        Text tab opens on it
 
 ``TraceBoard`` never raises from its writes: a failing log directory costs TensorBoard output
 (logged once, retried later), never the training run.
@@ -33,7 +39,7 @@ from typing import Any
 
 from spinal_callback.monitor.alerts import Alert
 from spinal_callback.monitor.rules.departure import departure
-from spinal_callback.monitor.rules.language import perplexity_ratio
+from spinal_callback.monitor.rules.language import has_language, perplexity_ratio
 from spinal_callback.outputs.heatmap import depth_trace_figure, figure_pixels
 from spinal_callback.outputs.sink_guard import SinkGuard
 from spinal_callback.probe.metrics import RAMP_SUMMARY_NAMES
@@ -46,6 +52,28 @@ REFERENCE_RUN = "reference"
 """The run (subdirectory) that holds the reference trace's summaries."""
 RETRY_AFTER_S = 60.0
 """Seconds a failed ``TraceBoard`` drops writes before it tries its writer again."""
+
+
+ALERTS_TAG = "alerts/spinal"
+"""The text tag of the alerts: TensorBoard's Text tab lists categories (a tag's first part) in
+name order, and ``alerts`` comes before the ``args`` and ``model_config`` texts that trainers
+write, so the tab opens on the alerts."""
+TAB_FRAGMENT = "#spinal"
+"""The URL fragment of the SPINAL tab (the package's TensorBoard plugin)."""
+ALERTS_FRAGMENT = "#text&tagFilter=alerts%2Fspinal"
+"""The URL fragment of TensorBoard's Text dashboard filtered to the alerts and stop records."""
+
+
+def views_hint(log_dir: str, stopped: bool = False) -> str:
+    """The console line that says where to look: the ``tensorboard`` command on the folder
+    above the board's run, and the URL fragments of the SPINAL tab and of the alerts text."""
+    folder = os.path.dirname(os.path.normpath(log_dir)) or "."
+    what = "the stop, its cause and the checkpoint to resume from" if stopped else "the run"
+    return (
+        f"TensorBoard shows {what}: `tensorboard --logdir {folder}`, then open "
+        f"http://localhost:6006/{TAB_FRAGMENT} (the SPINAL tab); the alerts as text: "
+        f"http://localhost:6006/{ALERTS_FRAGMENT}"
+    )
 
 
 def layer_scalars(trace: DepthTrace) -> dict[str, dict[str, float]]:
@@ -93,24 +121,25 @@ def health_scalars(trace: DepthTrace, reference: DepthTrace) -> dict[str, float]
     return scalars
 
 
-def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str, Any]:
+def custom_scalar_layout(
+    layers: Sequence[int], drift: bool = False, neutral: bool = True
+) -> dict[str, Any]:
     """The Custom Scalars dashboard: the alerts first, then one chart per score with a line per
     late block (each block is its own run), then each summary beside its reference run; with
-    ``drift``, one more chart for the drift of every block."""
+    ``drift``, one more chart for the drift of every block. Without ``neutral`` (the reference
+    has no language: ``language_drift`` and ``trace_departure`` are off) the neutral-text charts
+    are left out of the alerts group, since no rule reads them."""
     layout: dict[str, Any] = {
         "SPINAL alerts": {
+            "stopped: the level of the alert that stopped the run (3 critical, 2 warning), "
+            "one point at the stop's step; no point while the run goes on": [
+                "Multiline",
+                [rf"^{PREFIX}/stopped$"],
+            ],
             "alert level: at each probe, and the highest so far (0 quiet, 1 info, 2 warning, "
             "3 critical); recoveries so far, with on_critical='recover'": [
                 "Multiline",
                 [rf"^{PREFIX}/(alert_level(_max)?|recoveries)$"],
-            ],
-            "neutral-text perplexity, multiple of the reference": [
-                "Multiline",
-                [rf"^{PREFIX}/neutral/perplexity_ratio$"],
-            ],
-            "neutral-text late-layer trace, relative change from the reference": [
-                "Multiline",
-                [rf"^{PREFIX}/neutral/departure$"],
             ],
         },
         "SPINAL depth trace (a line per late block)": {
@@ -125,6 +154,19 @@ def custom_scalar_layout(layers: Sequence[int], drift: bool = False) -> dict[str
             name: ["Multiline", [rf"^{PREFIX}/ramp/{name}$"]] for name in RAMP_SUMMARY_NAMES
         },
     }
+    if neutral:
+        layout["SPINAL alerts"].update(
+            {
+                "neutral-text perplexity, multiple of the reference": [
+                    "Multiline",
+                    [rf"^{PREFIX}/neutral/perplexity_ratio$"],
+                ],
+                "neutral-text late-layer trace, relative change from the reference": [
+                    "Multiline",
+                    [rf"^{PREFIX}/neutral/departure$"],
+                ],
+            }
+        )
     if drift:
         layout["SPINAL depth trace (a line per late block)"][
             "drift from the reference, all blocks"
@@ -278,7 +320,9 @@ class TraceBoard:
 
         def write(writer: Any) -> None:
             if not self._layout_written:
-                writer.add_custom_scalars(custom_scalar_layout(trace.layers, self._drift_chart))
+                neutral = reference is None or has_language(reference)
+                layout = custom_scalar_layout(trace.layers, self._drift_chart, neutral)
+                writer.add_custom_scalars(layout)
                 self._layout_written = True
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, trace.step)
@@ -314,6 +358,14 @@ class TraceBoard:
 
         self._write(f"writing the alert level of step {step}", write)
 
+    def write_stop(self, step: int, level: int) -> None:
+        """``spinal/stopped``: one point, the level of the alert that stopped the run, at the
+        stop's step (true at any smoothing: a chart of one point shows it as logged)."""
+        self._write(
+            f"writing the stop of step {step}",
+            lambda writer: writer.add_scalar(f"{PREFIX}/stopped", float(level), step),
+        )
+
     def write_note(self, step: int, text: str) -> None:
         """One note in the ``spinal/notes`` text tab at ``step`` (with the step's other notes)."""
         joined = self._text_at(f"{PREFIX}/notes", step, [text])
@@ -323,12 +375,12 @@ class TraceBoard:
         )
 
     def write_alert_text(self, alert: Alert) -> None:
-        """One ``spinal/alerts`` text entry, shown with the step's other alerts."""
+        """One ``alerts/spinal`` text entry, shown with the step's other alerts."""
         text = f"**{alert.level}** `{alert.rule}` on `{alert.metric}`: {alert.message}"
-        joined = self._text_at(f"{PREFIX}/alerts", alert.step, [text])
+        joined = self._text_at(ALERTS_TAG, alert.step, [text])
         self._write(
             f"writing an alert of step {alert.step}",
-            lambda writer: _add_text(writer, f"{PREFIX}/alerts", joined, alert.step),
+            lambda writer: _add_text(writer, ALERTS_TAG, joined, alert.step),
         )
 
     def _text_at(self, tag: str, step: int, texts: Sequence[str]) -> str:

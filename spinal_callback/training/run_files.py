@@ -3,26 +3,34 @@
 At train begin the run locks its log dir and its event log (``ownership.RunLock``), puts its
 trace history and drift reference in its own log dir (never a path a checkpoint names), says so
 when another run wrote there before, and, on resume, appends a ``resumed`` record that
-supersedes the interrupted segment's records (the event log is never cut).
+supersedes the interrupted segment's records (the event log is never cut). The reference trace
+goes beside the history as ``spinal_reference.json`` (replaced whenever the reference is traced
+again), for readers of the log dir such as the SPINAL tab.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spinal_callback import distributed
+from spinal_callback.atomic import replace_atomically
 from spinal_callback.monitor.alerts import Alert
 from spinal_callback.outputs.event_log import RESUMED
 from spinal_callback.outputs.history import TraceHistory, runs_in
 from spinal_callback.outputs.ownership import RunLock, lock_or_warn
+from spinal_callback.outputs.sink_guard import SinkGuard
 from spinal_callback.outputs.sinks import Outputs
 from spinal_callback.probe.drift import DriftMeter
+from spinal_callback.probe.trace import DepthTrace
 
 logger = logging.getLogger("spinal_callback")
+REFERENCE_STEM = "spinal_reference"
+"""The reference trace is ``spinal_reference.json`` (``.rank<k>`` before ``.json`` on rank k)."""
 
 
 class RunFiles:
@@ -38,6 +46,10 @@ class RunFiles:
         self.previous: dict[str, str] = {}
         """The restored checkpoint's log dir and event log, named in the ``resumed`` record
         when the run goes on elsewhere (a versioned logger's next version)."""
+        self._reference_path: Path | None = None
+        self._reference_guard = SinkGuard(
+            "writing the reference trace", "the SPINAL tab draws no reference for this run"
+        )
 
     def lock(self, outputs: Outputs, directory: Path | None) -> None:
         """Lock the log dir and the event log for this run.
@@ -85,8 +97,22 @@ class RunFiles:
                 "run its own log_dir",
             )
         history.open(traces)
+        self._reference_path = directory / f"{REFERENCE_STEM}{suffix}.json"
         if drift is not None:
             drift.attach(directory / f"spinal_drift_reference.{self.run_id}{suffix}.safetensors")
+
+    def save_reference(self, reference: DepthTrace, event_log: Path | None = None) -> None:
+        """Replace the log dir's reference file with ``reference`` and the event log's path
+        (nothing before ``open``); a failure costs the file, never the run."""
+        path = self._reference_path
+        if path is None:
+            return
+        log = None if event_log is None else str(event_log.resolve())
+        record = {"run": self.run_id, "event_log": log, "trace": reference.to_dict()}
+        line = json.dumps(record, allow_nan=True)
+        self._reference_guard.run(
+            lambda: replace_atomically(path, lambda file: file.write_text(line, encoding="utf-8"))
+        )
 
     def mark_resume(self, step: int, directory: Path | None, outputs: Outputs) -> None:
         """A ``resumed`` record that supersedes this run's records after ``step`` (the event

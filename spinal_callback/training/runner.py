@@ -218,12 +218,15 @@ class Runner:
         self._begun = True
         outputs.on_alert, outputs.run_id = self._on_alert, self._run_id
         self._outputs = outputs
+        outputs.point_to_views()
         if reduce_any is not None:
             self.reduce_any = reduce_any
         folder = None if directory is None else Path(directory)
         self._files.lock(outputs, folder)
         if folder is not None:
             self._files.open(folder, step, self._history, self._drift, outputs)
+            if self.reference is not None:
+                self._files.save_reference(self.reference, self._event_log_path())
         if step > 0:
             self._files.mark_resume(step, folder, outputs)
             if outputs.board is not None:
@@ -431,10 +434,13 @@ class Runner:
         trace = guard.run(step)
         if trace is None:
             return
+        reference = self.reference
         if self._baseline.adopt(trace, lambda: guard.trace_reference(step), self._outputs.note):
             self._history.restart()
             if self._recovery is not None:
                 self._recovery.forget()
+        if self.reference is not reference and self.reference is not None:
+            self._files.save_reference(self.reference, self._event_log_path())
         self._history.append(trace)
         alerts = self._baseline.score(trace)
         self._note_levels(alerts)
@@ -448,6 +454,10 @@ class Runner:
         if len(self._history) % self.config.image_every == 0:
             self._outputs.heatmap(self._history.traces, self.reference, self._alerts)
         self._outputs.flush()
+
+    def _event_log_path(self) -> Path | None:
+        log = self._outputs.event_log
+        return None if log is None else log.path
 
     def _note_levels(self, alerts: Sequence[Alert]) -> None:
         self._worst_level = max([self._worst_level, *(int(a.severity) for a in alerts)])

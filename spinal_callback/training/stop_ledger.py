@@ -128,7 +128,7 @@ class StopLedger:
         message = self._stop_message(step)
         if refused is not None:
             message = f"{message} It was not recovered: {refused}."
-        self._announce(step, "spinal/stop", message, outputs)
+        self._announce(step, "spinal/stop", message, outputs, self._stop_details())
         return Decision(stop=True, message=message)
 
     def saved(self, step: int, path: str, outputs: Outputs) -> None:
@@ -139,7 +139,8 @@ class StopLedger:
                 f"the stop's checkpoint is {path} (step {step}); it holds the weights the alert "
                 f"saw. {self.resume_advice()}"
             )
-            self._announce(step, "spinal/stop_checkpoint", message, outputs)
+            details = {**self._stop_details(), "checkpoint": path, "checkpoint_step": step}
+            self._announce(step, "spinal/stop_checkpoint", message, outputs, details)
         kept = [c for c in self._checkpoints if c[1] != path]
         self._checkpoints = [*kept, (step, path)][-CHECKPOINTS_KEPT:]
 
@@ -204,9 +205,11 @@ class StopLedger:
         self._checkpoints = [(int(s), str(p)) for s, p in state.get("checkpoints", [])]
 
     def _stop_message(self, step: int) -> str:
+        """The stop in one line; the cause's own message is its alert's (written just before),
+        so it is named, not repeated."""
         cause = self._stop_requested
         why = (
-            f"{cause.level} {cause.rule} at step {cause.step}: {cause.message}"
+            f"the {cause.level} {cause.rule} alert of step {cause.step}"
             if cause is not None
             else "another rank's alert"
         )
@@ -215,9 +218,26 @@ class StopLedger:
             f"weights the alert saw. {self.resume_advice()}"
         )
 
-    def _announce(self, step: int, metric: str, message: str, outputs: Outputs) -> None:
-        """A ``training_stopped`` record (event log, text tab) at the cause's level, and the
-        console at ERROR."""
+    def _stop_details(self) -> dict[str, Any]:
+        """The stop's facts for a reader of the event log (the SPINAL tab): the cause and the
+        checkpoint to resume from (``None`` when there is none)."""
+        cause = self._stop_requested
+        good = self.last_good_checkpoint()
+        return {
+            "cause_rule": None if cause is None else cause.rule,
+            "cause_level": None if cause is None else cause.level,
+            "cause_step": None if cause is None else cause.step,
+            "first_warning_step": self._first_warning_step,
+            "resume_from": None if good is None else good[1],
+            "resume_step": None if good is None else good[0],
+            "advice": self.resume_advice(),
+        }
+
+    def _announce(
+        self, step: int, metric: str, message: str, outputs: Outputs, details: dict[str, Any]
+    ) -> None:
+        """A ``training_stopped`` record (event log, text tab) at the cause's level, with
+        ``details``, and the console at ERROR."""
         cause = self._stop_requested
         outputs.record(
             Alert(
@@ -228,7 +248,10 @@ class StopLedger:
                 value=float("nan"),
                 threshold=float("nan"),
                 message=message,
+                details=details,
             )
         )
         logger.error("spinal-callback: %s", message)
+        if metric == "spinal/stop":
+            outputs.stopped(step, int(cause.severity) if cause is not None else 3)
         outputs.flush()
