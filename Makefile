@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := spinal_callback tests bench recipes
 
-.PHONY: install lint test test-dist test-browser screenshots demo bench real-model clean
+.PHONY: install lint test test-dist test-browser screenshots demo bench bench-gpu real-model clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,14 @@ bench: install
 	PYTHONPATH=. $(BIN)/python -m bench.long_run
 	PYTHONPATH=. $(BIN)/python -m bench.board_growth
 	PYTHONPATH=. $(BIN)/python bench/robustness.py
+
+# The GPU pass (bench/gpu.py): the probe against a bare forward and its peak memory for the
+# Llama-3.2-1B and Qwen2.5-0.5B shapes in bf16, the callback's overhead on SmolLM2-135M at the
+# default and the automatic cadence, and pytest -m gpu; one table, about 8 minutes on one GPU.
+# `make bench-gpu GPU_ARGS="--device cpu --dry-run"` tests it on a CPU.
+GPU_ARGS ?=
+bench-gpu: install
+	PYTHONPATH=. $(BIN)/python -m bench.gpu $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) runs spinal_demo spinal_audit spinal_localize bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -174,7 +174,9 @@ class RunSpec:
     condition: str
     seed: int
     framework: str
-    probe_every: int = 10
+    probe_every: int | str = 10
+    """The callback's ``every_n_steps``: 10, or ``"auto"`` (with ``overhead_budget``)."""
+    overhead_budget: float = 0.01
     eval_every: int = 10
     log_every: int = 10
     recover: bool = False
@@ -200,6 +202,8 @@ class RunSpec:
     @property
     def key(self) -> str:
         tail = "-lora" if self.lora else ""
+        if self.probe_every == "auto":
+            tail += f"-auto-b{self.overhead_budget:g}"
         if self.recover:
             tail += f"-recover-f{self.recover_factor:g}-m{self.max_recoveries}"
             tail += "-all" if self.recover_every_rule else ""
@@ -586,6 +590,8 @@ def callback_options(spec: RunSpec, data: RunData) -> dict[str, Any]:
         "every_n_steps": spec.probe_every,
         "stop_on": None,
     }
+    if spec.probe_every == "auto":
+        options["overhead_budget"] = spec.overhead_budget
     if spec.recover:
         options.update(
             stop_on="critical",

@@ -38,6 +38,7 @@ outcome must hold at every evaluation for ``PERSIST_STEPS`` (two evaluations in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -57,6 +58,7 @@ from bench.dpo_runs import (
     Subject,
     prepare_base,
 )
+from recipes.common import cadence
 from spinal_callback.config import SpinalConfig
 from spinal_callback.monitor.ramp_monitor import RampMonitor
 from spinal_callback.probe.trace import DepthTrace
@@ -619,6 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--cells", action="store_true", help="print every cell's runs")
+    parser.add_argument(
+        "--every-n-steps",
+        type=cadence,
+        default=10,
+        help="the callback's cadence in the runs: an int, or 'auto' (with --budget)",
+    )
+    parser.add_argument("--budget", type=float, default=0.01, help="overhead_budget for 'auto'")
     parser.add_argument("--markdown", action="store_true", help="print the per-cell table")
     parser.add_argument(
         "--set",
@@ -635,6 +644,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = split.specs(args.conditions, args.seeds)
     if args.subjects:
         specs = [spec for spec in specs if spec.subject.name in args.subjects]
+    specs = [
+        dataclasses.replace(spec, probe_every=args.every_n_steps, overhead_budget=args.budget)
+        for spec in specs
+    ]
     started = time.perf_counter()
     if not args.rescore:
         train_missing(specs, args.jobs, args.threads)
@@ -650,7 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_summary(table)
     profile = healthy_profile(records)
     print_profile(profile)
-    out = RESULTS / f"{args.split}.json"
+    cadence_tail = (
+        "" if args.every_n_steps == 10 else f"-every-{args.every_n_steps}-b{args.budget:g}"
+    )
+    out = RESULTS / f"{args.split}{cadence_tail}.json"
     out.write_text(json.dumps({"table": table, "runs": rows, "healthy_profile": profile}, indent=1))
     return 0
 

@@ -8,6 +8,7 @@ and with the callback, several times, and reports the median steps/s and the pea
     python -m bench.overhead --model DIR --steps 100 --batch-size 4 --repeats 1 --warmup 0
                                                  # a real checkpoint (its own tokenizer)
     python -m bench.overhead --model DIR --pairs long ...   # pairs of realistic length
+    python -m bench.overhead --every-n-steps auto ...       # the cadence set by a 1% budget
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run; on the CPU the peak
 resident set size sampled every 2 ms during the run (``/proc/self/statm``), above the level
@@ -28,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LlamaForCausalLM
 
 from bench.long_texts import long_pairs
+from recipes.common import cadence
 from spinal_callback.config import SpinalConfig
 from spinal_callback.demos.preference_data import make_preference_pairs, tokenizer_corpus
 from spinal_callback.demos.tiny import build_tiny_model, build_tiny_tokenizer, llama_1b_config
@@ -101,8 +104,11 @@ def build_models(
         return load_local_model(path).to(device)
     if preset == "tiny":
         return build_tiny_model("llama", vocab_size=vocab_size, hidden=64, layers=8)
-    from transformers import LlamaForCausalLM
+    if preset == "smollm2-135m":
+        from bench.probe_cost import smollm2_config
 
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        return LlamaForCausalLM(smollm2_config()).to(device=device, dtype=dtype)
     config = llama_1b_config(vocab_size)
     return LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
 
@@ -118,7 +124,8 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     rows = long_pairs(count) if args.pairs == "long" else make_preference_pairs(count, seed=0)
     pairs = Dataset.from_list(rows)
     # Never stop: both runs must take the same steps for steps/s to compare.
-    callbacks = [TimedSpinalCallback(stop_on=None)] if with_spinal else []
+    every = getattr(args, "every_n_steps", SpinalConfig.every_n_steps)
+    callbacks = [TimedSpinalCallback(stop_on=None, every_n_steps=every)] if with_spinal else []
     TimedSpinalCallback.seconds = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
@@ -153,7 +160,9 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
             torch.cuda.max_memory_allocated() / 2**20 if args.device != "cpu" else memory.peak_mib
         )
     traces = callbacks[0].traces if callbacks else []
+    interval = callbacks[0].runner.every_n_steps if callbacks else 0
     return {
+        "interval": float(interval),
         "steps_per_second": steps / seconds,
         "peak_mib": peak,
         "probes": len(traces),
@@ -170,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=["tiny", "llama-1b"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "smollm2-135m", "llama-1b"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -181,6 +190,12 @@ def main() -> None:
         "--model", help="a checkpoint directory (from_pretrained) instead of a preset"
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument(
+        "--every-n-steps",
+        type=cadence,
+        default=SpinalConfig.every_n_steps,
+        help="the probe cadence: an int, or 'auto' (overhead_budget, 1%% by default)",
+    )
     parser.add_argument(
         "--pairs",
         choices=("recipe", "long"),
@@ -218,12 +233,13 @@ def main() -> None:
             "probes": results[0]["probes"],
             "callback_share": statistics.median(r["callback_share"] for r in results),
             "probe_seconds": statistics.median(r["probe_seconds"] for r in results),
+            "interval": statistics.median(r["interval"] for r in results),
         }
         for label, results in runs.items()
     }
     # A short run is dominated by the probes at its start (the reference's and step 0's); a long
     # one pays one probe per `every_n_steps` steps.
-    every = SpinalConfig().every_n_steps
+    every = int(summary["with"]["interval"])
     step_seconds = 1 / summary["without"]["steps_per_second"]
     probe_seconds = summary["with"]["probe_seconds"]
     steady_share = probe_seconds / (every * step_seconds + probe_seconds)
@@ -245,9 +261,12 @@ def main() -> None:
         )
     print(f"slowdown {slowdown:+.2%} (median steps/s), extra peak memory {memory:+.2%}")
     print(f"time inside the callback's hooks: {summary['with']['callback_share']:.2%} of the run")
+    schedule = f"every_n_steps={args.every_n_steps}" + (
+        f" (interval {every} at the end)" if args.every_n_steps == "auto" else ""
+    )
     print(
         f"one probe {probe_seconds:.2f} s = {probe_seconds / step_seconds:.2f} training steps; "
-        f"in a long run at every_n_steps={every}: {steady_share:.2%} of the time"
+        f"in a long run at {schedule}: {steady_share:.2%} of the time"
     )
     output = Path(args.out)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +275,11 @@ def main() -> None:
             {
                 "device": device,
                 "pairs": args.pairs,
-                "config": {"every_n_steps": every, "batch_size": args.batch_size},
+                "config": {
+                    "every_n_steps": args.every_n_steps,
+                    "interval": every,
+                    "batch_size": args.batch_size,
+                },
                 "runs": runs,
                 "summary": summary,
                 "slowdown": slowdown,

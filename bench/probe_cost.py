@@ -72,8 +72,9 @@ def tiny(device: torch.device, tokens: int) -> Setup:
     return Setup(model, ProbeBatch.from_texts(tokenizer, list(DEFAULT_PROBE_TEXTS)), SpinalConfig())
 
 
-def smollm2(device: torch.device, tokens: int) -> Setup:
-    config = LlamaConfig(
+def smollm2_config() -> LlamaConfig:
+    """SmolLM2-135M's shape: 30 blocks, width 576, a 49,152-token vocabulary, tied head."""
+    return LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
@@ -83,7 +84,11 @@ def smollm2(device: torch.device, tokens: int) -> Setup:
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
-    return Setup(LlamaForCausalLM(config), random_rows(ROWS, tokens, 49152), SpinalConfig())
+
+
+def smollm2(device: torch.device, tokens: int) -> Setup:
+    model = LlamaForCausalLM(smollm2_config())
+    return Setup(model, random_rows(ROWS, tokens, 49152), SpinalConfig())
 
 
 def qwen(device: torch.device, tokens: int) -> Setup:

@@ -131,9 +131,10 @@ def training_arguments(description: str | None, output_dir: str) -> argparse.Arg
     )
     parser.add_argument(
         "--every-n-steps",
-        type=int,
+        type=cadence,
         default=25,
-        help="probe the late layers every N steps (and at step 0 and the end)",
+        help="probe the late layers every N steps (and at step 0 and the end); 'auto': as "
+        "often as 1%% of the run's time allows (overhead_budget)",
     )
     parser.add_argument(
         "--save-steps",
@@ -197,11 +198,21 @@ def resolve_arguments(
     return args
 
 
+def cadence(text: str) -> int | str:
+    """``--every-n-steps``: an int, or ``auto``."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
 def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     minimums = {"steps": 1, "batch_size": 1, "eval_steps": 1, "every_n_steps": 1, "save_steps": 0}
     for name, minimum in minimums.items():
         value = getattr(args, name)
-        if value is not None and value < minimum:
+        if isinstance(value, int) and value < minimum:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"--learning-rate must be positive, got {args.learning_rate}")

@@ -21,6 +21,8 @@ AutocastDtype = Literal["bfloat16", "float16"]
 LensDtype = Literal["auto", "bfloat16", "native"]
 StopLevel = Literal["critical", "warning"]
 OnCritical = Literal["stop", "recover"]
+ProbeCadence = int | Literal["auto"]
+"""``every_n_steps``: an interval in optimizer steps, or ``"auto"`` (set by ``overhead_budget``)."""
 TRANSPORT_MEASURES: tuple[str, ...] = get_args(TransportMeasure)
 MIN_PROBE_LENGTH = 8
 """The fewest tokens ``max_probe_length`` may keep per probe text. The scores compare rows
@@ -91,7 +93,14 @@ class SpinalConfig:
             architectures the automatic lookup cannot resolve.
 
     Training (used by the callbacks and the monitor):
-        every_n_steps: probe cadence in optimizer steps.
+        every_n_steps: probe cadence in optimizer steps, or ``"auto"``: as often as
+            ``overhead_budget`` allows, measured on the run (``training/cadence.py``).
+        overhead_budget: with ``every_n_steps="auto"``, the share of the run's wall time the
+            probes may take (0.01 = 1%).
+        auto_min_steps, auto_max_steps: with ``every_n_steps="auto"``, the interval stays in
+            this range. The floor is also the step of the first probe after the reference,
+            where ``trace_departure`` sets its early pace; the ceiling bounds how many steps
+            late a failure can be seen.
         patience: probes (or logs) in a row a rule's critical level needs.
         stop_on: ``"critical"``, ``"warning"`` or ``None`` (never stop).
         on_critical: what an alert at the ``stop_on`` level does: ``"stop"`` training (with a
@@ -159,7 +168,10 @@ class SpinalConfig:
     blocks_path: str | None = None
     final_norm_path: str | None = None
     head_path: str | None = None
-    every_n_steps: int = 50
+    every_n_steps: ProbeCadence = 50
+    overhead_budget: float = 0.01
+    auto_min_steps: int = 10
+    auto_max_steps: int = 100
     patience: int = 2
     stop_on: StopLevel | None = "critical"
     on_critical: OnCritical = "stop"
@@ -206,7 +218,15 @@ class SpinalConfig:
                 "the same for most texts, so the probe measures nothing. Keep the default 256 "
                 f"or pass max_probe_length >= {MIN_PROBE_LENGTH}"
             )
-        _check_int("every_n_steps", self.every_n_steps, minimum=1)
+        if self.every_n_steps != "auto":
+            _check_int("every_n_steps", self.every_n_steps, minimum=1)
+        if not 0.0 < self.overhead_budget < 1.0:
+            raise ValueError(
+                "SpinalConfig.overhead_budget must be in (0, 1): the share of the run's time the "
+                f"probes may take (0.01 = 1%), got {self.overhead_budget!r}"
+            )
+        _check_int("auto_min_steps", self.auto_min_steps, minimum=1)
+        _check_int("auto_max_steps", self.auto_max_steps, minimum=self.auto_min_steps)
         _check_int("patience", self.patience, minimum=1)
         _check_int("max_recoveries", self.max_recoveries, minimum=1)
         if not 0.0 < self.recover_lr_factor < 1.0:
@@ -351,8 +371,21 @@ _KINDS: dict[Any, _Kind] = {
     bool: _Kind(_parse_bool, "True or False"),
     list[int]: _Kind(_parse_int_list, "a list of ints"),
 }
+
+
 # Fields whose annotation alone does not say how to read them.
-_FIELD_KIND_OVERRIDES = {"event_log": _Kind(_parse_path, "a path (str or os.PathLike)")}
+def _parse_cadence(value: object) -> int | str:
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    return _parse_int(value)
+
+
+_FIELD_KIND_OVERRIDES = {
+    "event_log": _Kind(_parse_path, "a path (str or os.PathLike)"),
+    "every_n_steps": _Kind(
+        _parse_cadence, "an int (a string of digits such as '50' is read as one) or 'auto'"
+    ),
+}
 
 
 def _choice(choices: tuple[str, ...]) -> _Kind:
@@ -374,8 +407,11 @@ def _field_kinds() -> dict[str, tuple[_Kind, bool]]:
         arguments = get_args(hint)
         optional = type(None) in arguments and get_origin(hint) is not Literal
         base = next(a for a in arguments if a is not type(None)) if optional else hint
+        if name in _FIELD_KIND_OVERRIDES:
+            kinds[name] = (_FIELD_KIND_OVERRIDES[name], optional)
+            continue
         kind = _choice(get_args(base)) if get_origin(base) is Literal else _KINDS[base]
-        kinds[name] = (_FIELD_KIND_OVERRIDES.get(name) or kind, optional)
+        kinds[name] = (kind, optional)
     return kinds
 
 

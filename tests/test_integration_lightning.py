@@ -278,6 +278,21 @@ def test_lightning_cli_builds_the_callback_from_command_line_options(
     assert [trace.step for trace in callback.traces] == [0, 2, 4]
 
 
+def test_lightning_cli_takes_the_automatic_cadence(tmp_path: Path, probe_texts: list[str]) -> None:
+    pytest.importorskip("jsonargparse")
+    cli = run_cli(
+        tmp_path,
+        [
+            "--trainer.callbacks+=spinal_callback.integrations.lightning.SpinalCallback",
+            "--trainer.callbacks.every_n_steps=auto",
+            f"--trainer.callbacks.probe_texts={json.dumps(probe_texts)}",
+        ],
+    )
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SpinalCallback)]
+    assert callback.config.every_n_steps == "auto"
+    assert callback.traces[0].step == 0
+
+
 def test_lightning_cli_builds_the_callback_from_a_yaml_file(
     tmp_path: Path, probe_texts: list[str]
 ) -> None:

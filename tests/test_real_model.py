@@ -67,3 +67,15 @@ def test_destroying_the_weights_is_critical_and_the_reference_itself_is_quiet(
                 weight.add_(0.2 * torch.randn(weight.shape, generator=generator))
     alerts = monitor.update(probe_of(damaged, tokenizer).run(step=20))
     assert {(a.rule, a.level) for a in alerts} >= {("language_drift", "critical")}
+
+
+@pytest.mark.parametrize(("texts", "heavy"), [("recipe", True), ("dev", False), ("test", False)])
+def test_the_lens_outweighs_the_forward_on_the_recipes_short_prompts_only(
+    texts: str, heavy: bool
+) -> None:
+    from bench.probe_cost import checkpoint
+    from spinal_callback.training.runner import HEAVY_LENS
+
+    setup = checkpoint(str(checkpoint_dir()), texts, SpinalConfig())
+    work = SpinalProbe(setup.model, setup.batch, setup.config, setup.neutral).lens_work()
+    assert work is not None and (work > HEAVY_LENS) == heavy

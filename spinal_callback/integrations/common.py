@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from spinal_callback import distributed
-from spinal_callback.config import SpinalConfig, StopLevel
+from spinal_callback.config import ProbeCadence, SpinalConfig, StopLevel
 from spinal_callback.monitor.alerts import Alert
 from spinal_callback.outputs.event_log import DEFAULT_NAME, EventLog
 from spinal_callback.outputs.sinks import AlertHook, Outputs
@@ -61,7 +61,7 @@ class SpinalOptions:
         neutral_texts: Sequence[str] | None = None,
         on_alert: AlertHook | None = None,
         log_dir: str | None = None,
-        every_n_steps: int = SpinalConfig.every_n_steps,
+        every_n_steps: ProbeCadence = SpinalConfig.every_n_steps,
         stop_on: StopLevel | None = SpinalConfig.stop_on,
         late_layers: list[int] | None = SpinalConfig.late_layers,
         event_log: str | None = SpinalConfig.event_log,

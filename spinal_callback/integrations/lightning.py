@@ -268,7 +268,9 @@ def _log_cadence(trainer: pl.Trainer, config: SpinalConfig) -> int:
     """Steps between reads of the logged metrics: the trainer's ``log_every_n_steps``, or the
     probe cadence where logging is off."""
     every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
-    return every if every > 0 else config.every_n_steps
+    if every > 0:
+        return every
+    return config.auto_min_steps if config.every_n_steps == "auto" else int(config.every_n_steps)
 
 
 def _train_dataset(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -30,7 +30,7 @@ from spinal_callback.probe.capture import (
     forward_inputs,
     lens_and_model_logits,
 )
-from spinal_callback.probe.lens import LensStatistics, lens_statistics
+from spinal_callback.probe.lens import MIN_SEQUENTIAL_TOKENS, LensStatistics, lens_statistics
 from spinal_callback.probe.lens_check import LENS_CHECK_TOKENS, measured_logit_scale
 from spinal_callback.probe.metrics import (
     RAMP_SUMMARY_NAMES,
@@ -197,6 +197,26 @@ class SpinalProbe:
         if len(traces) > 1:
             traces[0].neutral = traces[1]
         return traces[0]
+
+    def lens_work(self) -> float | None:
+        """The logit lens's multiply-adds as a multiple of a bare forward's over the probe's
+        valid tokens, estimated from the model's shapes before any forward: per lens token,
+        one head projection (vocabulary x width) per late block; per forward token, every
+        block's and the head's weights once. The lens is counted at its fewest tokens
+        (``MIN_SEQUENTIAL_TOKENS`` per group, or all of a shorter group), so the probe costs at
+        least about ``1 + lens_work()`` bare forwards (a bfloat16 lens runs faster than this
+        count). ``None`` when the weights are sharded (their sizes are not known here)."""
+        if self.parts.entry is not self.parts.model:
+            return None  # FSDP: a rank holds a shard of each weight
+        head = sum(_numel(parameter) for parameter in self.parts.head.parameters())
+        blocks = sum(_numel(parameter) for parameter in self.parts.blocks.parameters())
+        if head == 0 or blocks == 0:
+            return None
+        tokens = [group.batch.num_valid_tokens for group in self.groups]
+        lens_tokens = sum(min(count, MIN_SEQUENTIAL_TOKENS) for count in tokens)
+        lens = lens_tokens * len(self.layers) * head
+        forward = sum(tokens) * (blocks + head)
+        return lens / forward
 
     def _trace(
         self,
@@ -490,3 +510,8 @@ def _model_fingerprint(parts: ModelParts) -> str:
     digest.update(description.encode())
     digest.update(json.dumps(parts.paths, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def _numel(parameter: Tensor) -> int:
+    """Elements of a parameter, also one DeepSpeed ZeRO-3 partitioned (``ds_numel``)."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from spinal_callback.probe.drift import DriftMeter, drift_scalars
 from spinal_callback.probe.spinal_probe import SpinalProbe
 from spinal_callback.probe.texts import check_texts
 from spinal_callback.training.baseline import Baseline
+from spinal_callback.training.cadence import Cadence
 from spinal_callback.training.guarded_probe import GuardedProbe, failures_logged
 from spinal_callback.training.recovery import Recovery, RecoveryReport, TrainingState
 from spinal_callback.training.run_files import RunFiles
@@ -47,6 +49,10 @@ from spinal_callback.training.state import STATE_VERSION, upgrade_state
 from spinal_callback.training.stop_ledger import CONTINUE, TOOL_RULES, Decision, StopLedger
 
 logger = logging.getLogger("spinal_callback")
+HEAVY_LENS = 1.5
+"""``SpinalProbe.lens_work`` above which setup warns that the lens will outweigh the forward:
+the real SmolLM2-135M's 5-token recipe prompts (2.05; a probe measured 2.23 bare forwards on a
+2-core CPU) are above it, its prose paragraphs (0.32-0.34; 1.21-1.35) well below."""
 ReduceAny = Callable[[bool], bool]
 
 
@@ -100,6 +106,7 @@ class Runner:
         self._begun = False
         self._trouble_anywhere = False
         self._recovery = Recovery(config) if config.on_critical == "recover" else None
+        self._cadence = Cadence(config)
         self._warned_since_probe = False
         self._recovered_at = -1
         self._logs_span_recovery = False
@@ -172,6 +179,7 @@ class Runner:
             self._reduce,
             self._raise,
         )
+        warn_of_a_heavy_lens(self._guard.probe, config)
         if config.drift_every is not None:
             batch = self._guard.probe.batch
             self._drift = DriftMeter(batch, config.seed + 2, config.autocast_dtype)
@@ -242,10 +250,20 @@ class Runner:
         return CONTINUE
 
     def step(self, step: int) -> Decision:
-        """After an optimizer step: probe when due (every ``every_n_steps``), then decide."""
-        if step == self._last_probe_step or step % self.config.every_n_steps != 0:
+        """After an optimizer step: probe when due (``Cadence``), then decide."""
+        self._cadence.step_event()
+        started = time.perf_counter()
+        try:
+            return self._step(step)
+        finally:
+            self._cadence.own_work(time.perf_counter() - started)
+
+    def _step(self, step: int) -> Decision:
+        if not self._cadence.due(step, self._last_probe_step):
             return CONTINUE
+        started = time.perf_counter()
         self._probe(step)
+        self._set_interval(step, time.perf_counter() - started)
         decision = self._decide(step)
         if not decision.recovered:
             self._chart_recoveries(step)
@@ -264,6 +282,13 @@ class Runner:
     def logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
         """The trainer's logged scalars (loss, DPO rewards): score them, then decide. Logs up to
         a recovery's step describe the updates it dropped, and are not scored."""
+        started = time.perf_counter()
+        try:
+            return self._score_logs(step, logs)
+        finally:
+            self._cadence.own_work(time.perf_counter() - started)
+
+    def _score_logs(self, step: int, logs: Mapping[str, Any]) -> Decision:
         if step <= self._recovered_at or self._logs_span_recovery:
             # This log closes the window that held the dropped steps (HF and TRL average
             # their logs over every step since the previous one).
@@ -340,6 +365,7 @@ class Runner:
             "ledger": self._ledger.state_dict(),
             "drift": None if self._drift is None else self._drift.state_dict(),
             "recovery": None if self._recovery is None else self._recovery.state_dict(),
+            "cadence": self._cadence.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -362,6 +388,7 @@ class Runner:
         self._baseline.share_lens_tokens(guard.probe)
         if self._recovery is not None and state.get("recovery"):
             self._recovery.load_state_dict(state["recovery"])
+        self._cadence.load_state_dict(state.get("cadence") or {})
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -459,6 +486,21 @@ class Runner:
         log = self._outputs.event_log
         return None if log is None else log.path
 
+    @property
+    def every_n_steps(self) -> int:
+        """The probe interval now: ``every_n_steps``, or the automatic cadence's."""
+        return self._cadence.interval
+
+    def _set_interval(self, step: int, probe_seconds: float) -> None:
+        """After a probe (every rank): the automatic cadence's next interval, charted as
+        ``spinal/every_n_steps`` and noted when it changes."""
+        change = self._cadence.probed(probe_seconds, self._reduce)
+        scalars = {"spinal/every_n_steps": float(self._cadence.interval)}
+        self._pending.update(scalars)
+        self._outputs.scalars(step, scalars)
+        if change is not None:
+            self._outputs.note(step, change)
+
     def _note_levels(self, alerts: Sequence[Alert]) -> None:
         self._worst_level = max([self._worst_level, *(int(a.severity) for a in alerts)])
 
@@ -479,6 +521,31 @@ class Runner:
             scalars = drift_scalars(measured)
             self._pending.update(scalars)
             self._outputs.scalars(step, scalars)
+
+
+def warn_of_a_heavy_lens(probe: SpinalProbe, config: SpinalConfig) -> None:
+    """At setup: say so when the probe texts are so short that the logit lens will outweigh
+    the forward (``SpinalProbe.lens_work`` above ``HEAVY_LENS``), and what to do about it."""
+    work = probe.lens_work()
+    if work is None or work <= HEAVY_LENS:
+        return
+    tokens = sum(group.batch.num_valid_tokens for group in probe.groups)
+    cadence = (
+        "every_n_steps='auto' already keeps the probes within overhead_budget"
+        if config.every_n_steps == "auto"
+        else "every_n_steps='auto' keeps the probes within overhead_budget whatever they cost"
+    )
+    logger.warning(
+        "spinal-callback: the probe texts are short (%d valid tokens, task and neutral "
+        "together), so the logit lens at %d late blocks does about %.1fx the multiply-adds of a "
+        "forward over them: a probe will cost more than 2 bare forwards. Longer probe texts (a "
+        "paragraph each: the lens takes a bounded sample of tokens, the forward all of them) "
+        "or fewer late_layers make it cheaper; %s",
+        tokens,
+        len(probe.layers),
+        work,
+        cadence,
+    )
 
 
 __all__ = ["CONTINUE", "Decision", "Runner"]
