@@ -285,8 +285,12 @@ def failure_step(record: RunRecord, twin_learned: int | None) -> int | None:
 
 
 def twin_key(record: RunRecord) -> str:
+    """The key of the run's healthy twin (same subject, task, seed, framework and cadence)."""
     spec = record.spec
-    return f"{spec['subject']['name']}/{spec['task']}/healthy-s{spec['seed']}-{spec['framework']}"
+    key = f"{spec['subject']['name']}/{spec['task']}/healthy-s{spec['seed']}-{spec['framework']}"
+    if spec.get("probe_every") == "auto":
+        key += f"-auto-b{spec.get('overhead_budget', 0.01):g}"
+    return key
 
 
 def label(records: Sequence[RunRecord]) -> dict[str, int | None]:

@@ -62,6 +62,8 @@ def test_the_interval_keeps_the_probes_within_the_budget() -> None:
     assert "0.99%" in note  # 0.2 / (0.2 + 40 x 0.5)
     assert cadence.due(50, 10) and not cadence.due(49, 10)
     assert cadence.probed(0.2, never) is None  # unchanged: no new note
+    assert cadence.probed(0.22, never) is None and cadence.interval == 40  # 44: within 20%
+    assert cadence.probed(0.3, never) is not None and cadence.interval == 60
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@
 The automatic cadence measures what the run itself costs: the wall time of the training steps
 (everything between two of the runner's step events, less the runner's own work) and of each
 probe. After each probe the interval becomes ``probe seconds / (budget x step seconds)``,
-rounded up and kept within ``[auto_min_steps, auto_max_steps]``: the floor protects the
+rounded up and kept within ``[auto_min_steps, auto_max_steps]`` (when that is more than 20%
+away from the current one): the floor protects the
 training from probing too often on a cheap probe, the ceiling bounds how late a failure can be
 seen. Every rank takes the largest rank's interval, agreed through the runner's boolean stop
 collective one bit at a time, so that every rank probes at the same steps.
@@ -27,6 +28,9 @@ from spinal_callback.config import SpinalConfig
 
 STEP_SAMPLES = 50
 """How many recent training steps the step time is the median of."""
+HYSTERESIS = 0.2
+"""The interval changes only when the budget asks for one more than 20% away: timing noise
+does not move the schedule, nor write a note at every probe."""
 
 
 def agree_on_max(value: int, bits: int, reduce_any: Callable[[bool], bool]) -> int:
@@ -92,7 +96,7 @@ class Cadence:
         wanted = self.floor if step <= 0 else math.ceil(seconds / (self.budget * step))
         local = min(max(wanted, self.floor), self.ceiling)
         agreed = agree_on_max(local, self.ceiling.bit_length(), reduce_any)
-        if agreed == self.interval:
+        if abs(agreed - self.interval) <= HYSTERESIS * self.interval:
             return None
         self.interval = agreed
         share = seconds / (seconds + agreed * step) if step > 0 else 0.0
