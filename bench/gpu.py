@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from bench.probe_cost import Setup, measure, random_rows
+from bench.probe_cost import Setup, measure, qwen_config, random_rows
 from spinal_callback.config import SpinalConfig
 from spinal_callback.demos.tiny import llama_1b_config
 
@@ -52,17 +52,7 @@ def shapes(dry_run: bool) -> dict[str, tuple[torch.nn.Module, int]]:
         llama = LlamaConfig(**small, **heads, tie_word_embeddings=True)
         qwen = Qwen2Config(**small, **heads, tie_word_embeddings=True)
     else:
-        llama = llama_1b_config()
-        qwen = Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            tie_word_embeddings=True,
-        )
+        llama, qwen = llama_1b_config(), qwen_config()
     return {
         "Llama-3.2-1B shape": (LlamaForCausalLM(llama), llama.vocab_size),
         "Qwen2.5-0.5B shape": (Qwen2ForCausalLM(qwen), qwen.vocab_size),

@@ -91,8 +91,9 @@ def smollm2(device: torch.device, tokens: int) -> Setup:
     return Setup(model, random_rows(ROWS, tokens, 49152), SpinalConfig())
 
 
-def qwen(device: torch.device, tokens: int) -> Setup:
-    config = Qwen2Config(
+def qwen_config() -> Qwen2Config:
+    """Qwen2.5-0.5B's shape: 24 blocks, width 896, a 151,936-token vocabulary, tied head."""
+    return Qwen2Config(
         vocab_size=151936,
         hidden_size=896,
         intermediate_size=4864,
@@ -102,7 +103,11 @@ def qwen(device: torch.device, tokens: int) -> Setup:
         max_position_embeddings=32768,
         tie_word_embeddings=True,
     )
-    return Setup(Qwen2ForCausalLM(config), random_rows(ROWS, tokens, 151936), SpinalConfig())
+
+
+def qwen(device: torch.device, tokens: int) -> Setup:
+    model = Qwen2ForCausalLM(qwen_config())
+    return Setup(model, random_rows(ROWS, tokens, 151936), SpinalConfig())
 
 
 def llama_1b(device: torch.device, tokens: int) -> Setup:
