@@ -244,6 +244,17 @@ def test_the_plugin_serves_the_runs_with_their_state_and_each_runs_view(tmp_path
     assert script.status_code == 200 and "export async function render" in script.get_data(True)
 
 
+def test_the_plugin_reads_a_run_again_when_its_files_change(tmp_path: Path) -> None:
+    folder = write_run(tmp_path / "live", steps=(0, 10))
+    served = client(tmp_path)
+    assert served.get("/run?run=live").get_json()["steps"] == [0, 10]
+    assert served.get("/run?run=live").get_json()["steps"] == [0, 10]  # unchanged: cached
+    with open(folder / "spinal_events.jsonl", "a", encoding="utf-8") as file:
+        record = {**alert(10, "warning", "trace_departure").to_dict(), "run": RUN_ID}
+        file.write(json.dumps(record) + "\n")
+    assert served.get("/run?run=live").get_json()["status"]["state"] == "warning"
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("name", ["../etc", "/etc", "missing", "", "quiet/../../x"])
 def test_a_run_name_that_is_not_a_listed_run_is_refused(tmp_path: Path, name: str) -> None:

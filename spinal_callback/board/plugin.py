@@ -24,7 +24,13 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from spinal_callback.board.run_view import find_runs, run_view
+from spinal_callback.board.run_view import (
+    EVENTS_FILE,
+    REFERENCE_FILE,
+    TRACES_FILE,
+    find_runs,
+    run_view,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -49,6 +55,7 @@ class SpinalPlugin(base_plugin.TBPlugin):
         self._logdir = Path(context.logdir) if context.logdir else None
         self._runs: list[str] = []
         self._scanned_at = -float("inf")
+        self._views: dict[str, tuple[tuple[float, ...], dict[str, Any]]] = {}
 
     def get_plugin_apps(self) -> dict[str, Any]:
         return {
@@ -79,7 +86,7 @@ class SpinalPlugin(base_plugin.TBPlugin):
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
         runs = []
         for name in self._known_runs(rescan=True):
-            view = run_view(self._folder(name), name)
+            view = self._view(name)
             runs.append({"run": name, "state": view["status"]["state"]})
         return _json(request, {"runs": runs})
 
@@ -92,11 +99,38 @@ class SpinalPlugin(base_plugin.TBPlugin):
                 "text/plain",
                 code=400,
             )
-        return _json(request, run_view(self._folder(name), name))
+        return _json(request, self._view(name))
 
     def _folder(self, name: str) -> Path:
         assert self._logdir is not None
         return self._logdir / name
+
+    def _view(self, name: str) -> dict[str, Any]:
+        """``run_view`` of a run, read again only when one of its files changed (the tab asks
+        every few seconds, and a long run's trace history is large)."""
+        folder = self._folder(name)
+        stamp = tuple(
+            value
+            for file in (TRACES_FILE, EVENTS_FILE, REFERENCE_FILE)
+            for value in _stamp(folder / file)
+        )
+        cached = self._views.get(name)
+        if cached is not None:
+            events = Path(cached[1]["event_log"])
+            if cached[0] == (*stamp, *_stamp(events)):
+                return cached[1]
+        view = run_view(folder, name)
+        self._views[name] = ((*stamp, *_stamp(Path(view["event_log"]))), view)
+        return view
+
+
+def _stamp(path: Path) -> tuple[float, float]:
+    """A file's modification time and size, or zeros when it is missing."""
+    try:
+        status = path.stat()
+    except OSError:
+        return (0.0, 0.0)
+    return (status.st_mtime, float(status.st_size))
 
 
 def _wsgi(handler: Callable[[wrappers.Request], wrappers.Response]) -> WSGIApplication:

@@ -143,7 +143,8 @@ def run_view(folder: str | os.PathLike[str], name: str = "") -> dict[str, Any]:
     ``steps`` (probe steps), ``contraction`` and ``transport`` (per block a list over the
     probes; the deepest block has no transport, ``None``), ``reference`` (per block its
     reference values, or ``None``), ``neutral`` (see ``neutral_view``), ``updated`` (Unix time
-    of the newest file). Non-finite numbers are ``None`` (strict JSON).
+    of the newest file), ``event_log`` (the path read). Non-finite numbers are ``None``
+    (strict JSON).
     """
     path = Path(folder)
     run, traces = current_traces(read_jsonl(path / TRACES_FILE))
@@ -171,6 +172,7 @@ def run_view(folder: str | os.PathLike[str], name: str = "") -> dict[str, Any]:
         "reference": _reference_view(reference, last),
         "neutral": neutral_view(comparable, reference),
         "updated": _updated(path),
+        "event_log": str(events),
     }
     return _finite(view)
 
