@@ -714,7 +714,8 @@ def test_alerts_and_notes_show_under_their_plain_tags_in_the_text_tab(tmp_path: 
 def test_the_layout_puts_the_alerts_first_and_one_chart_per_score_for_every_block() -> None:
     layout = custom_scalar_layout([4, 5, 6, 7])
     assert next(iter(layout)) == "SPINAL alerts"
-    (alert_chart, *_) = layout["SPINAL alerts"].values()
+    (stop_chart, alert_chart, *_) = layout["SPINAL alerts"].values()
+    assert stop_chart == ["Multiline", [rf"^{PREFIX}/stopped$"]]
     assert alert_chart == ["Multiline", [rf"^{PREFIX}/(alert_level(_max)?|recoveries)$"]]
     charts = layout["SPINAL depth trace (a line per late block)"]
     assert charts["contraction of blocks 4-7"] == ["Multiline", [rf"^{PREFIX}/contraction$"]]
