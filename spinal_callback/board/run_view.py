@@ -36,8 +36,6 @@ MAX_DEPTH = 6
 """How many folders below the log dir ``find_runs`` looks (TRL: ``runs/<date>/spinal``)."""
 RECORDS = {TRAINING_STOPPED, RECOVERED, RESUMED}
 """Event-log rules that are records of what the run did, not alerts of a rule."""
-STATES = ("healthy", "warning", "critical", "stopped")
-"""A run's states, least severe first."""
 
 
 def find_runs(logdir: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> list[str]:
