@@ -9,6 +9,7 @@ and with the callback, several times, and reports the median steps/s and the pea
                                                  # a real checkpoint (its own tokenizer)
     python -m bench.overhead --model DIR --pairs long ...   # pairs of realistic length
     python -m bench.overhead --every-n-steps auto ...       # the cadence set by a 1% budget
+    python -m bench.overhead --every-n-steps auto --budget 0.02 --auto-max-steps 1000 ...
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run; on the CPU the peak
 resident set size sampled every 2 ms during the run (``/proc/self/statm``), above the level
@@ -125,7 +126,12 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     pairs = Dataset.from_list(rows)
     # Never stop: both runs must take the same steps for steps/s to compare.
     every = getattr(args, "every_n_steps", SpinalConfig.every_n_steps)
-    callbacks = [TimedSpinalCallback(stop_on=None, every_n_steps=every)] if with_spinal else []
+    cadence_settings = {
+        "every_n_steps": every,
+        "overhead_budget": getattr(args, "budget", SpinalConfig.overhead_budget),
+        "auto_max_steps": getattr(args, "auto_max_steps", SpinalConfig.auto_max_steps),
+    }
+    callbacks = [TimedSpinalCallback(stop_on=None, **cadence_settings)] if with_spinal else []
     TimedSpinalCallback.seconds = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
@@ -197,6 +203,18 @@ def main() -> None:
         help="the probe cadence: an int, or 'auto' (overhead_budget, 1%% by default)",
     )
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=SpinalConfig.overhead_budget,
+        help="overhead_budget for --every-n-steps auto",
+    )
+    parser.add_argument(
+        "--auto-max-steps",
+        type=int,
+        default=SpinalConfig.auto_max_steps,
+        help="auto_max_steps, the automatic interval's ceiling",
+    )
+    parser.add_argument(
         "--pairs",
         choices=("recipe", "long"),
         default="recipe",
@@ -262,7 +280,10 @@ def main() -> None:
     print(f"slowdown {slowdown:+.2%} (median steps/s), extra peak memory {memory:+.2%}")
     print(f"time inside the callback's hooks: {summary['with']['callback_share']:.2%} of the run")
     schedule = f"every_n_steps={args.every_n_steps}" + (
-        f" (interval {every} at the end)" if args.every_n_steps == "auto" else ""
+        f" (overhead_budget={args.budget:g}, auto_max_steps={args.auto_max_steps}; interval "
+        f"{every} at the end)"
+        if args.every_n_steps == "auto"
+        else ""
     )
     print(
         f"one probe {probe_seconds:.2f} s = {probe_seconds / step_seconds:.2f} training steps; "
@@ -278,6 +299,8 @@ def main() -> None:
                 "config": {
                     "every_n_steps": args.every_n_steps,
                     "interval": every,
+                    "overhead_budget": args.budget,
+                    "auto_max_steps": args.auto_max_steps,
                     "batch_size": args.batch_size,
                 },
                 "runs": runs,

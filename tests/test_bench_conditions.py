@@ -1,5 +1,6 @@
 """The benchmark's labelled runs: slow conditions build their data and schedules as documented,
-and a failure is called from outcomes that hold for ``PERSIST_STEPS``, at any cadence."""
+and a failure is called from outcomes that hold for ``PERSIST_STEPS``, at any cadence; the
+catches the automatic cadence lost are sorted by when it saw the failure."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 
 import pytest
 
+from bench.cadence_compare import caught, lost_kind
 from bench.chat_data import DEGRADATIONS, INSTRUCTIONS, degrade
 from bench.dpo_runs import CONDITIONS, SLOW_CONDITIONS, RunRecord, RunSpec, Subject, lengthened
 from bench.dpo_runs import run_data as build_run_data
@@ -110,3 +112,25 @@ def test_the_chat_data_has_over_200_distinct_instructions_and_four_degradations(
     assert reply.startswith(degraded["cut_off"]) and len(degraded["cut_off"]) < len(reply)
     loop = degraded["repetition"].split()
     assert loop[: len(loop) // 2] == loop[len(loop) // 2 :] or len(set(loop)) < len(loop) // 2
+
+
+def scored_row(alert: int | None, failure: int | None) -> dict:
+    return {
+        "key": "k",
+        "intended_failing": failure is not None,
+        "failure_step": failure,
+        "first_alert": {"spinal, critical": alert},
+    }
+
+
+@pytest.mark.parametrize(
+    ("auto_alert", "kind"), [(40, "seen at its next probe"), (80, "later"), (None, "never")]
+)
+def test_a_catch_the_automatic_cadence_lost_is_sorted_by_when_it_was_seen(
+    auto_alert: int | None, kind: str
+) -> None:
+    fixed = scored_row(alert=30, failure=35)  # caught 5 steps ahead
+    auto = scored_row(alert=auto_alert, failure=35)  # lost: alerted after the failure, or never
+    probes = [0, 10, 40, 80]  # the automatic run's first look after step 30 was at 40
+    assert caught(fixed, "spinal, critical") and not caught(auto, "spinal, critical")
+    assert lost_kind(fixed, auto, probes, "spinal, critical") == kind

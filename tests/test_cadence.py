@@ -68,7 +68,10 @@ def test_the_interval_keeps_the_probes_within_the_budget() -> None:
 
 @pytest.mark.parametrize(
     ("probe_seconds", "interval", "says"),
-    [(5.0, 100, "the ceiling auto_max_steps=100"), (0.001, 10, "the floor auto_min_steps=10")],
+    [
+        (5.0, 100, "above the ceiling auto_max_steps=100: raise auto_max_steps to 1000"),
+        (0.001, 10, "the floor auto_min_steps=10"),
+    ],
 )
 def test_the_interval_stays_between_the_floor_and_the_ceiling(
     probe_seconds: float, interval: int, says: str

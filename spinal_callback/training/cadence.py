@@ -102,7 +102,12 @@ class Cadence:
         share = seconds / (seconds + agreed * step) if step > 0 else 0.0
         limit = ""
         if wanted > self.ceiling:
-            limit = f"; the ceiling auto_max_steps={self.ceiling} costs more than the budget"
+            limit = (
+                f"; the budget needs a probe every {wanted} steps, above the ceiling "
+                f"auto_max_steps={self.ceiling}: raise auto_max_steps to {wanted} to hold the "
+                f"budget (a failure is then seen up to {wanted} steps late), or make the probe "
+                "cheaper (longer probe texts, fewer late_layers)"
+            )
         elif wanted < self.floor:
             limit = f"; the floor auto_min_steps={self.floor} keeps it under the budget"
         return (

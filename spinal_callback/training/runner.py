@@ -531,9 +531,11 @@ def warn_of_a_heavy_lens(probe: SpinalProbe, config: SpinalConfig) -> None:
         return
     tokens = sum(group.batch.num_valid_tokens for group in probe.groups)
     cadence = (
-        "every_n_steps='auto' already keeps the probes within overhead_budget"
+        "every_n_steps='auto' keeps the probes within overhead_budget as long as the interval "
+        "it needs is at most auto_max_steps"
         if config.every_n_steps == "auto"
-        else "every_n_steps='auto' keeps the probes within overhead_budget whatever they cost"
+        else "every_n_steps='auto' keeps the probes within overhead_budget whatever they cost "
+        "(up to an interval of auto_max_steps)"
     )
     logger.warning(
         "spinal-callback: the probe texts are short (%d valid tokens, task and neutral "
