@@ -46,10 +46,12 @@ def scored(path: Path) -> dict[str, dict[str, Any]]:
     return {row["key"]: row for row in json.loads(path.read_text())["runs"]}
 
 
-def probe_steps(key: str) -> list[int]:
-    """The steps at which a saved run was probed (its recorded traces)."""
+def probe_steps(key: str) -> tuple[list[int], int]:
+    """The steps at which a saved run was probed (its recorded traces), and its last step (the
+    end of training is always probed)."""
     record = RunRecord.from_json((RESULTS / "runs" / f"{key}.json").read_text())
-    return [int(e["trace"]["step"]) for e in record.events if e["kind"] == "trace"]
+    steps = [int(e["trace"]["step"]) for e in record.events if e["kind"] == "trace"]
+    return steps, record.steps_run
 
 
 def caught(row: dict[str, Any], detector: str) -> bool:
@@ -83,12 +85,13 @@ def compare(split: str, budget: float) -> dict[str, Any]:
         for key, row in auto.items()
         if key.endswith(tail) and key.removesuffix(tail) in fixed
     ]
-    steps_of = {a["key"]: probe_steps(a["key"]) for _, a in pairs}
+    probed = {a["key"]: probe_steps(a["key"]) for _, a in pairs}
+    steps_of = {key: steps for key, (steps, _) in probed.items()}
     intervals = [
         later - earlier
-        for steps in steps_of.values()
+        for steps, last in probed.values()
         for earlier, later in itertools.pairwise(steps)
-        if earlier >= CALIBRATION_STEP
+        if earlier >= CALIBRATION_STEP and later != last
     ]
     result: dict[str, Any] = {
         "runs": len(pairs),
@@ -133,7 +136,8 @@ def compare(split: str, budget: float) -> dict[str, Any]:
 def print_comparison(result: dict[str, Any]) -> None:
     interval = result["interval"]
     print(
-        f"{result['runs']} runs; automatic interval after calibration: median "
+        f"{result['runs']} runs; automatic interval after calibration (the end-of-run probe "
+        f"aside): median "
         f"{interval['median']}, {interval['min']}-{interval['max']} steps; failure steps that "
         f"differ: {len(result['failure_steps_differ'])}"
     )

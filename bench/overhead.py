@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, TrainerCallback
 
 from bench.long_texts import long_pairs
 from recipes.common import cadence
@@ -64,6 +65,20 @@ class TimedSpinalCallback(SpinalTrainerCallback):
 
     def on_train_end(self, *args: Any, **kwargs: Any) -> Any:
         return self._timed("on_train_end", *args, **kwargs)
+
+
+class StepClock(TrainerCallback):
+    """The wall time of each training step, from one ``on_step_end`` to the next: the steady
+    step time without the trainer's start-up, which a whole run's steps/s includes."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def median_step(self) -> float:
+        return statistics.median(b - a for a, b in itertools.pairwise(self.ends))
 
 
 class PeakResidentMemory:
@@ -132,6 +147,7 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
         "auto_max_steps": getattr(args, "auto_max_steps", SpinalConfig.auto_max_steps),
     }
     callbacks = [TimedSpinalCallback(stop_on=None, **cadence_settings)] if with_spinal else []
+    clock = StepClock()
     TimedSpinalCallback.seconds = 0.0
     with tempfile.TemporaryDirectory() as output_dir:
         config = DPOConfig(
@@ -153,7 +169,7 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
             args=config,
             train_dataset=pairs,
             processing_class=tokenizer,
-            callbacks=callbacks,
+            callbacks=[*callbacks, clock],
         )
         if args.device != "cpu":
             torch.cuda.reset_peak_memory_stats()
@@ -170,6 +186,7 @@ def one_run(args: argparse.Namespace, tokenizer: Any, with_spinal: bool) -> dict
     return {
         "interval": float(interval),
         "steps_per_second": steps / seconds,
+        "median_step_seconds": clock.median_step(),
         "peak_mib": peak,
         "probes": len(traces),
         "callback_share": TimedSpinalCallback.seconds / seconds if callbacks else 0.0,
@@ -252,13 +269,14 @@ def main() -> None:
             "callback_share": statistics.median(r["callback_share"] for r in results),
             "probe_seconds": statistics.median(r["probe_seconds"] for r in results),
             "interval": statistics.median(r["interval"] for r in results),
+            "median_step_seconds": statistics.median(r["median_step_seconds"] for r in results),
         }
         for label, results in runs.items()
     }
     # A short run is dominated by the probes at its start (the reference's and step 0's); a long
-    # one pays one probe per `every_n_steps` steps.
+    # one pays one probe per `every_n_steps` steps of the bare run's steady step time.
     every = int(summary["with"]["interval"])
-    step_seconds = 1 / summary["without"]["steps_per_second"]
+    step_seconds = summary["without"]["median_step_seconds"]
     probe_seconds = summary["with"]["probe_seconds"]
     steady_share = probe_seconds / (every * step_seconds + probe_seconds)
     slowdown = 1 - summary["with"]["steps_per_second"] / summary["without"]["steps_per_second"]
@@ -286,7 +304,8 @@ def main() -> None:
         else ""
     )
     print(
-        f"one probe {probe_seconds:.2f} s = {probe_seconds / step_seconds:.2f} training steps; "
+        f"one probe {probe_seconds:.2f} s = {probe_seconds / step_seconds:.2f} training steps "
+        f"(median step of the bare run {step_seconds:.3g} s); "
         f"in a long run at {schedule}: {steady_share:.2%} of the time"
     )
     output = Path(args.out)

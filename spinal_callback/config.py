@@ -83,8 +83,9 @@ class SpinalConfig:
             enclosing autocast); ``"bfloat16"``: under bfloat16 autocast (products accumulate in
             float32; the softmax and the scores stay float32); ``"auto"`` (default):
             ``"bfloat16"`` when the forward is float32 on a CPU with native bfloat16 matrix
-            instructions, where it is about 2.7x faster and moved transport by under 0.001 on
-            a 135M model, else ``"native"``.
+            instructions (AVX-512 BF16 or AMX), where it is about 2.7x faster and moved
+            transport by under 0.001 on a 135M model, else ``"native"`` (an AVX-512 CPU
+            without them emulates bfloat16, 4x slower than float32).
         autocast_dtype: ``"bfloat16"``/``"float16"`` to run the probe forward under autocast,
             ``None`` to run in the model's own dtype (an enclosing autocast is still honoured).
         seed: seed of the token subsamples, an int in ``[0, 2**63)``.

@@ -166,6 +166,22 @@ def test_auto_lens_is_bfloat16_only_on_a_float32_cpu_forward_with_native_bfloat1
     assert capture.lens_cast(hidden.double(), "bfloat16") == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512vl", False),  # AVX-512 emulates bfloat16
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu avx512f amx_bf16 amx_tile", True),
+        ("fp asimd bf16", False),  # Arm's bf16 is not counted: float32 there
+    ],
+)
+def test_native_bfloat16_is_read_from_the_cpu_flags_not_from_onednn(
+    flags: str, native: bool
+) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\n"
+    assert capture.has_native_bfloat16_flags(cpuinfo) is native
+
+
 def test_a_bfloat16_lens_under_autocast_equals_the_one_with_a_cast_head_weight(
     llama: PreTrainedModel, probe_batch: ProbeBatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
