@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dpo_runs import RESULTS, RunRecord
+from bench.early_warning import lead
 
 DETECTORS = ("spinal, critical", "spinal, warning+")
 AUTO_TAIL = "-auto-b{budget:g}"
@@ -55,8 +56,8 @@ def probe_steps(key: str) -> tuple[list[int], int]:
 
 
 def caught(row: dict[str, Any], detector: str) -> bool:
-    alert, failure = row["first_alert"][detector], row["failure_step"]
-    return failure is not None and alert is not None and alert <= failure
+    """Whether ``detector`` alerted by the run's failure step (``early_warning.lead``)."""
+    return lead(row, detector) is not None
 
 
 def false_alarm(row: dict[str, Any], detector: str) -> bool:
